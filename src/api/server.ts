@@ -1,0 +1,163 @@
+import { timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { HealthCheckError, type ProxyHealthChecker } from '../controllers/proxyport/health.js';
+import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
+import { AdmissionError } from '../desired/apply.js';
+import { resolveKindName } from '../desired/kinds.js';
+import type { DesiredStateValidator } from '../desired/validate.js';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { Manager } from '../runtime/manager.js';
+import type { Store } from '../state/store.js';
+import type { StoredResource } from '../state/types.js';
+
+export interface ApiDeps {
+  store: Store;
+  validator: DesiredStateValidator;
+  metrics: Metrics;
+  logger: Logger;
+  manager: Manager;
+  health: ProxyHealthChecker;
+  /** The bearer token mutating calls need; undefined refuses every mutating call. */
+  token: string | undefined;
+}
+
+/** A JSON error with a stable code that clients can switch on. */
+export class ApiError extends Error {
+  constructor(
+    readonly statusCode: number,
+    readonly code: string,
+    message: string,
+    readonly details?: unknown,
+  ) {
+    super(message);
+  }
+}
+
+const CONFLICT_CODES = new Set(['PORT_TAKEN', 'PORT_COOLING_DOWN', 'USER_HAS_PORT', 'SOURCE_IN_USE', 'DELETING', 'POOL_EXHAUSTED']);
+
+/** Same shape as the resources of `get -o json`: status inside, source as an annotation-like field. */
+export function publicResource(r: StoredResource): Record<string, unknown> {
+  return { apiVersion: r.apiVersion, kind: r.kind, metadata: r.metadata, spec: r.spec, status: r.status ?? {} };
+}
+
+export function buildApi(deps: ApiDeps): FastifyInstance {
+  const app = Fastify({ logger: false, bodyLimit: 64 * 1024 });
+  const { store, metrics, manager } = deps;
+
+  const requireToken = async (req: FastifyRequest) => {
+    if (!deps.token) throw new ApiError(403, 'API_TOKEN_NOT_CONFIGURED', 'mutating calls are disabled: set apiTokenFile in the config');
+    const header = req.headers.authorization ?? '';
+    const m = /^Bearer (.+)$/.exec(header);
+    const given = Buffer.from(m?.[1] ?? '');
+    const want = Buffer.from(deps.token);
+    if (!m || given.length !== want.length || !timingSafeEqual(given, want)) {
+      throw new ApiError(401, 'UNAUTHORIZED', 'a valid Authorization: Bearer token is required');
+    }
+  };
+
+  app.setErrorHandler((err: unknown, req, reply) => {
+    if (err instanceof ApiError) return sendError(reply, err);
+    if (err instanceof InvalidInputError) return sendError(reply, new ApiError(400, 'INVALID', err.message, err.problems));
+    if (err instanceof AdmissionError) {
+      const status = err.code === 'POOL_NOT_FOUND' ? 404 : CONFLICT_CODES.has(err.code) ? 409 : 400;
+      return sendError(reply, new ApiError(status, err.code, err.message, [{ field: err.field.join('.'), message: err.message }]));
+    }
+    if (err instanceof HealthCheckError) {
+      return sendError(reply, new ApiError(err.code === 'NOT_FOUND' ? 404 : 409, err.code, err.message));
+    }
+    const e = err as { statusCode?: number; code?: string; message?: string };
+    if (e.statusCode && e.statusCode < 500) {
+      return sendError(reply, new ApiError(e.statusCode, e.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? 'UNSUPPORTED_MEDIA_TYPE' : 'BAD_REQUEST', e.message ?? 'bad request'));
+    }
+    deps.logger.error('API request failed', { method: req.method, url: req.url, error: e.message });
+    return sendError(reply, new ApiError(500, 'INTERNAL', 'internal error; see the daemon log'));
+  });
+  app.setNotFoundHandler((req, reply) => sendError(reply, new ApiError(404, 'NOT_FOUND', `no route for ${req.method} ${req.url}`)));
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+  app.get('/readyz', async (_req, reply) => {
+    if (manager.isReady()) return { status: 'ready' };
+    return reply.code(503).send({ status: 'starting', error: { code: 'NOT_READY', message: 'the first full sync is not done yet' } });
+  });
+  app.get('/metrics', async (_req, reply) => {
+    reply.header('content-type', metrics.registry.contentType);
+    return metrics.registry.metrics();
+  });
+
+  // ---- proxy ports (by user) ---------------------------------------------
+  app.post('/api/v1/proxyports', { preHandler: requireToken }, async (req, reply) => {
+    const body = objectBody(req.body);
+    const out = ensureUserPort(store, deps.validator, {
+      userId: body.userId,
+      sourceIP: body.sourceIP,
+      port: body.port,
+      pool: body.pool,
+    });
+    return reply.code(out.created ? 201 : 200).send({
+      userId: out.resource.spec.userId,
+      sourceIP: out.resource.spec.sourceIP,
+      port: out.port,
+      pool: out.resource.spec.pool ?? 'default',
+      name: out.resource.metadata.name,
+      created: out.created,
+    });
+  });
+  app.post('/api/v1/proxyports/check', { preHandler: requireToken }, async (req) => {
+    const body = req.body === undefined || req.body === null ? {} : objectBody(req.body);
+    const userIds = body.userIds;
+    if (userIds !== undefined && (!Array.isArray(userIds) || userIds.some((u) => typeof u !== 'string') || userIds.length > 10_000)) {
+      throw new ApiError(400, 'INVALID', 'userIds must be an array of at most 10000 strings');
+    }
+    if (body.pool !== undefined && typeof body.pool !== 'string') throw new ApiError(400, 'INVALID', 'pool must be a string');
+    return deps.health.check({
+      ...(userIds ? { userIds: userIds as string[] } : {}),
+      ...(body.pool ? { pool: body.pool as string } : {}),
+    });
+  });
+  app.get('/api/v1/proxyports/:userId', async (req) => {
+    const { userId } = req.params as { userId: string };
+    const res = findPortByUser(store, userId);
+    if (!res) throw new ApiError(404, 'NOT_FOUND', `user ${userId} has no ProxyPort`);
+    return publicResource(res as unknown as StoredResource);
+  });
+  app.delete('/api/v1/proxyports/:userId', { preHandler: requireToken }, async (req, reply) => {
+    const { userId } = req.params as { userId: string };
+    const res = removeUserPort(store, userId);
+    if (!res) throw new ApiError(404, 'NOT_FOUND', `user ${userId} has no ProxyPort`);
+    return reply.code(202).send({ userId, name: res.metadata.name, status: 'deleting' });
+  });
+
+  // ---- generic read access ---------------------------------------------
+  app.get('/api/v1/:kind', async (req) => {
+    const kind = kindOf(deps, (req.params as { kind: string }).kind);
+    return { apiVersion: 'v1', kind: `${kind}List`, items: store.listResources(kind).map(publicResource) };
+  });
+  app.get('/api/v1/:kind/:name', async (req) => {
+    const params = req.params as { kind: string; name: string };
+    const kind = kindOf(deps, params.kind);
+    const res = store.getResource(kind, params.name);
+    if (!res) throw new ApiError(404, 'NOT_FOUND', `${kind} ${params.name} not found`);
+    return publicResource(res);
+  });
+  return app;
+}
+
+function kindOf(deps: ApiDeps, name: string): string {
+  const kind = resolveKindName(deps.validator.kinds, name);
+  if (!kind) throw new ApiError(404, 'UNKNOWN_KIND', `unknown kind ${name}`);
+  return kind;
+}
+
+function objectBody(body: unknown): Record<string, unknown> {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+    throw new ApiError(400, 'INVALID', 'the request body must be a JSON object');
+  }
+  return body as Record<string, unknown>;
+}
+
+function sendError(reply: FastifyReply, err: ApiError) {
+  return reply
+    .code(err.statusCode)
+    .send({ error: { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) } });
+}

@@ -1,0 +1,495 @@
+import { Command, InvalidArgumentError, Option } from 'commander';
+import YAML from 'yaml';
+import { ConfigError, loadConfig, type Config } from '../config.js';
+import { loadPoolDesired, planPool, ProxyPoolController } from '../controllers/proxypool/controller.js';
+import { describeAction } from '../controllers/proxypool/rules.js';
+import type { ProxyPortSpec } from '../controllers/proxypool/types.js';
+import { poolOf } from '../controllers/proxyport/admission.js';
+import { HealthCheckError, ProxyHealthChecker } from '../controllers/proxyport/health.js';
+import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
+import { ADMISSIONS, createValidator } from '../controllers/registry.js';
+import { Daemon } from '../daemon.js';
+import { AdmissionError, applyPath } from '../desired/apply.js';
+import { resolveKindName } from '../desired/kinds.js';
+import { formatProblem, type DesiredStateValidator } from '../desired/validate.js';
+import { IptablesDriver } from '../drivers/iptables.js';
+import { createLogger, silentLogger } from '../observability/logger.js';
+import { Metrics } from '../observability/metrics.js';
+import { LeaseHeldError } from '../state/lease.js';
+import { Store } from '../state/store.js';
+import type { StoredResource } from '../state/types.js';
+import { canonicalJson } from '../util/canonical-json.js';
+import { lineDiff } from '../util/line-diff.js';
+import { age, renderResources, table, type OutputFormat } from './output.js';
+
+/** Exit codes scripts can trust (kubectl's): 0 fine, 1 problems or differences, 2 usage or runtime error. */
+export const EXIT = { OK: 0, PROBLEMS: 1, ERROR: 2 } as const;
+
+class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number = EXIT.ERROR,
+  ) {
+    super(message);
+  }
+}
+
+interface GlobalOptions {
+  db?: string;
+  config?: string;
+}
+
+interface Io {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+export async function runCli(argv: string[], io: Io = { out: (t) => process.stdout.write(t + '\n'), err: (t) => process.stderr.write(t + '\n') }): Promise<number> {
+  let exitCode: number = EXIT.OK;
+  const program = new Command('polydev-reconciler')
+    .description('Keeps warm pools, per-user proxy ports and TURN servers converged to their declared state.')
+    .option('--db <path>', 'SQLite database (env POLYDEV_DB); overrides the config file')
+    .option('--config <file>', 'config file (env POLYDEV_CONFIG)')
+    .exitOverride()
+    .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.err(s.trimEnd()) })
+    .showHelpAfterError();
+
+  const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+  const config = (): Config => {
+    const g = globals();
+    const db = g.db ?? process.env.POLYDEV_DB;
+    return loadConfig(g.config ?? process.env.POLYDEV_CONFIG, process.env, db ? { database: db } : {});
+  };
+  let validatorCache: DesiredStateValidator | undefined;
+  const validator = () => (validatorCache ??= createValidator());
+  const withStore = async <T>(fn: (store: Store, cfg: Config) => Promise<T> | T): Promise<T> => {
+    const cfg = config();
+    const store = new Store(cfg.database, { eventRetention: cfg.eventRetention });
+    try {
+      return await fn(store, cfg);
+    } finally {
+      store.close();
+    }
+  };
+  const kindArg = (name: string): string => {
+    const kind = resolveKindName(validator().kinds, name);
+    if (!kind) throw new CliError(`unknown kind "${name}" (known: ${[...validator().kinds.keys()].join(', ')})`);
+    return kind;
+  };
+  const action =
+    <A extends unknown[]>(fn: (...args: A) => Promise<number | void> | number | void) =>
+    async (...args: A) => {
+      const code = await fn(...args);
+      if (typeof code === 'number') exitCode = code;
+    };
+
+  program
+    .command('run')
+    .description('run the daemon (or, with --once, reconcile everything until converged and exit)')
+    .option('--once', 'reconcile until converged or onceTimeout, then exit 0 (converged) or 1 (not)')
+    .action(
+      action(async (opts: { once?: boolean }) => {
+        const cfg = config();
+        if (opts.once) return runOnce(cfg, io);
+        return runForever(cfg);
+      }),
+    );
+
+  program
+    .command('validate')
+    .description('check desired-state YAML against the CRD schemas; one line per problem')
+    .requiredOption('-f, --filename <path>', 'file or directory')
+    .action(
+      action((opts: { filename: string }) => {
+        const result = validator().loadPath(opts.filename);
+        for (const p of result.problems) io.out(formatProblem(p));
+        if (result.problems.length > 0) return EXIT.PROBLEMS;
+        io.out(`${result.resources.length} resource(s) in ${result.files.length} file(s) are valid`);
+        return EXIT.OK;
+      }),
+    );
+
+  program
+    .command('apply')
+    .description('apply desired state all or nothing')
+    .requiredOption('-f, --filename <path>', 'file or directory')
+    .option('--prune', 'delete resources of the applied kinds that are no longer in PATH')
+    .option('--dry-run', 'check everything, change nothing')
+    .addOption(new Option('--max-prune <ratio>', 'largest share a prune may delete (0..1)').argParser(parseRatio))
+    .option('--force', 'prune even past --max-prune')
+    .action(
+      action((opts: { filename: string; prune?: boolean; dryRun?: boolean; maxPrune?: number; force?: boolean }) =>
+        withStore((store, cfg) => {
+          const result = applyPath(store, validator(), ADMISSIONS, opts.filename, {
+            prune: opts.prune ?? false,
+            dryRun: opts.dryRun ?? false,
+            maxPrune: opts.maxPrune ?? cfg.maxPrune,
+            force: opts.force ?? false,
+          });
+          for (const p of result.problems) io.err(formatProblem(p));
+          if (!result.ok) {
+            io.err('nothing was applied');
+            return EXIT.PROBLEMS;
+          }
+          const suffix = opts.dryRun ? ' (dry run)' : '';
+          for (const id of result.created) io.out(`${id.toLowerCase()} created${suffix}`);
+          for (const id of result.configured) io.out(`${id.toLowerCase()} configured${suffix}`);
+          for (const id of result.unchanged) io.out(`${id.toLowerCase()} unchanged${suffix}`);
+          for (const id of result.pruned) io.out(`${id.toLowerCase()} pruned${suffix}`);
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('get')
+    .description('list resources of a kind, or one resource')
+    .argument('<kind>')
+    .argument('[name]')
+    .addOption(new Option('-o, --output <format>', 'output format').choices(['table', 'wide', 'json', 'yaml']).default('table'))
+    .action(
+      action((kindName: string, name: string | undefined, opts: { output: OutputFormat }) =>
+        withStore((store) => {
+          const kind = kindArg(kindName);
+          let resources: StoredResource[];
+          if (name) {
+            const r = store.getResource(kind, name);
+            if (!r) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+            resources = [r];
+          } else resources = store.listResources(kind);
+          if (resources.length === 0 && (opts.output === 'table' || opts.output === 'wide')) {
+            io.err(`no ${kind} resources`);
+            return EXIT.OK;
+          }
+          io.out(renderResources(resources, validator().kinds.get(kind)!.printerColumns, opts.output, name !== undefined).trimEnd());
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('describe')
+    .description('a resource in full: spec, status, conditions and recent events')
+    .argument('<kind>')
+    .argument('<name>')
+    .action(
+      action((kindName: string, name: string) =>
+        withStore((store) => {
+          const kind = kindArg(kindName);
+          const r = store.getResource(kind, name);
+          if (!r) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+          io.out(describe(r, store));
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('diff')
+    .description('desired YAML against the store; exit 0 same, 1 different, 2 error')
+    .requiredOption('-f, --filename <path>', 'file or directory')
+    .option('--prune', 'also show what apply --prune would delete')
+    .action(
+      action((opts: { filename: string; prune?: boolean }) =>
+        withStore((store) => {
+          const loaded = validator().loadPath(opts.filename);
+          if (loaded.problems.length > 0) {
+            for (const p of loaded.problems) io.err(formatProblem(p));
+            return EXIT.ERROR;
+          }
+          let differences = 0;
+          const seen = new Set<string>();
+          for (const r of loaded.resources) {
+            seen.add(`${r.kind}/${r.name}`);
+            const stored = store.getResource(r.kind, r.name);
+            const want = { metadata: { name: r.name, labels: r.labels, annotations: r.annotations }, spec: r.spec };
+            if (!stored) {
+              differences++;
+              io.out(`+++ ${r.kind}/${r.name} (new)`);
+              io.out(prefixLines(YAML.stringify(want), '+ '));
+              continue;
+            }
+            const have = { metadata: { name: stored.metadata.name, labels: stored.metadata.labels, annotations: stored.metadata.annotations }, spec: stored.spec };
+            if (canonicalJson(have) === canonicalJson(want) && !stored.metadata.deletionTimestamp) continue;
+            differences++;
+            io.out(`--- ${r.kind}/${r.name} (stored, generation ${stored.metadata.generation})`);
+            io.out(`+++ ${r.kind}/${r.name} (${r.file})`);
+            io.out(lineDiff(YAML.stringify(sortedCopy(have)), YAML.stringify(sortedCopy(want))));
+          }
+          if (opts.prune) {
+            const kinds = new Set(loaded.resources.map((r) => r.kind));
+            for (const kind of kinds) {
+              for (const s of store.listResources(kind)) {
+                if (s.source !== 'apply' || seen.has(`${kind}/${s.metadata.name}`) || s.metadata.deletionTimestamp) continue;
+                differences++;
+                io.out(`--- ${kind}/${s.metadata.name} (would be pruned)`);
+              }
+            }
+          }
+          return differences > 0 ? EXIT.PROBLEMS : EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('plan')
+    .description('store against live state: what a reconcile would do now; exit 0 nothing, 1 changes, 2 error')
+    .argument('[kind]')
+    .argument('[name]')
+    .action(
+      action((kindName: string | undefined, name: string | undefined) =>
+        withStore(async (store, cfg) => {
+          const kind = kindName ? kindArg(kindName) : undefined;
+          const iptables = new IptablesDriver({ backend: cfg.iptables.backend, ...(cfg.iptables.netns ? { netns: cfg.iptables.netns } : {}) });
+          const pools = new ProxyPoolController(store, iptables, new Metrics({ processMetrics: false }));
+          let poolNames = store.listResources('ProxyPool').map((p) => p.metadata.name);
+          let onlyUser: string | undefined;
+          if (kind === 'ProxyPool' && name) poolNames = poolNames.filter((p) => p === name);
+          if (kind === 'ProxyPort' && name) {
+            const port = store.getResource<ProxyPortSpec>('ProxyPort', name);
+            if (!port) throw new CliError(`ProxyPort "${name}" not found`, EXIT.PROBLEMS);
+            poolNames = poolNames.filter((p) => p === poolOf(port.spec));
+            onlyUser = port.spec.userId;
+          }
+          if (kind && kind !== 'ProxyPool' && kind !== 'ProxyPort') {
+            throw new CliError(`${kind} has no controller in this build; nothing to plan`);
+          }
+          if (name && poolNames.length === 0) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+          let changes = 0;
+          for (const poolName of poolNames) {
+            const pool = store.getResource('ProxyPool', poolName)!;
+            const desired = loadPoolDesired(store, pool);
+            const observed = await pools.observe(desired);
+            const actions = planPool(desired, observed).filter((a) => !onlyUser || ('userId' in a && a.userId === onlyUser));
+            changes += actions.length;
+            io.out(`ProxyPool/${poolName}: ${actions.length === 0 ? 'no changes' : `${actions.length} change(s)`}`);
+            for (const a of actions) io.out(`  ${describeAction(a)}`);
+          }
+          return changes > 0 ? EXIT.PROBLEMS : EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('delete')
+    .description('delete a resource (what it owns is torn down first)')
+    .argument('<kind>')
+    .argument('<name>')
+    .action(
+      action((kindName: string, name: string) =>
+        withStore((store) => {
+          const kind = kindArg(kindName);
+          if (!store.getResource(kind, name)) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+          store.requestDeletion(kind, name);
+          io.out(`${kind.toLowerCase()}/${name} deleted (the daemon tears down what it owns, then removes it)`);
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('events')
+    .description('recent events, of all resources or of KIND/NAME')
+    .argument('[resource]', 'KIND/NAME or KIND')
+    .option('--limit <n>', 'how many', (v) => parsePositiveInt(v), 50)
+    .action(
+      action((resource: string | undefined, opts: { limit: number }) =>
+        withStore((store) => {
+          let kind: string | undefined;
+          let name: string | undefined;
+          if (resource) {
+            const [k, n] = resource.split('/');
+            kind = k === 'DesiredState' ? k : kindArg(k!);
+            name = n || undefined;
+          }
+          const events = store.listEvents({ ...(kind ? { kind } : {}), ...(name ? { name } : {}), limit: opts.limit });
+          if (events.length === 0) {
+            io.err('no events');
+            return EXIT.OK;
+          }
+          io.out(table(['LAST SEEN', 'TYPE', 'REASON', 'OBJECT', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, `${e.kind}/${e.name}`, String(e.count), e.message])));
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  const proxyport = program.command('proxyport').description("users' egress proxy ports");
+  proxyport
+    .command('add')
+    .description('give a user a port (idempotent: the same user keeps the same port)')
+    .argument('<user>')
+    .requiredOption('--source-ip <ip>', "the user's VM or container address")
+    .option('--port <n>', 'a specific port instead of the next free one', (v) => parsePositiveInt(v))
+    .option('--pool <name>', 'ProxyPool (default: default)')
+    .action(
+      action((user: string, opts: { sourceIp: string; port?: number; pool?: string }) =>
+        withStore((store) => {
+          const out = ensureUserPort(store, validator(), { userId: user, sourceIP: opts.sourceIp, port: opts.port, pool: opts.pool }, 'api');
+          io.out(`user ${user}: port ${out.port} in ProxyPool ${out.resource.spec.pool ?? 'default'} (${out.created ? 'created' : 'unchanged'}, ProxyPort ${out.resource.metadata.name})`);
+          return EXIT.OK;
+        }),
+      ),
+    );
+  proxyport
+    .command('remove')
+    .description("remove a user's port (the port cools down before anyone else gets it)")
+    .argument('<user>')
+    .action(
+      action((user: string) =>
+        withStore((store) => {
+          const res = removeUserPort(store, user);
+          if (!res) throw new CliError(`user ${user} has no ProxyPort`, EXIT.PROBLEMS);
+          io.out(`user ${user}: ProxyPort ${res.metadata.name} deleted (rule removed at the next reconcile)`);
+          return EXIT.OK;
+        }),
+      ),
+    );
+  proxyport
+    .command('check')
+    .description('health-check ports through the upstream proxy now (all, or one user)')
+    .argument('[user]')
+    .action(
+      action((user: string | undefined) =>
+        withStore(async (store) => {
+          if (user && !findPortByUser(store, user)) throw new CliError(`user ${user} has no ProxyPort`, EXIT.PROBLEMS);
+          const checker = new ProxyHealthChecker(store, new Metrics({ processMetrics: false }), silentLogger());
+          const summary = await checker.check(user ? { userIds: [user] } : {});
+          io.out(table(['USER', 'PORT', 'HEALTHY', 'LATENCY', 'EGRESS-IP', 'FAILURES', 'ERROR'], summary.results.map((r) => [
+            r.userId, String(r.port), String(r.healthy), r.latencyMs === null ? '-' : `${r.latencyMs}ms`, r.egressIP ?? '-', String(r.consecutiveFailures), r.error ?? '',
+          ])));
+          io.out(`${summary.total} checked: ${summary.healthy} healthy, ${summary.unhealthy} unhealthy`);
+          return summary.unhealthy > 0 ? EXIT.PROBLEMS : EXIT.OK;
+        }),
+      ),
+    );
+
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return exitCode;
+  } catch (err) {
+    const e = err as { code?: string; exitCode?: number; message?: string };
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return EXIT.OK;
+    if (typeof e.code === 'string' && e.code.startsWith('commander.')) return EXIT.ERROR;
+    if (err instanceof CliError) {
+      io.err(`error: ${err.message}`);
+      return err.exitCode;
+    }
+    if (err instanceof InvalidInputError) {
+      for (const p of err.problems) io.err(`error: ${p.field}: ${p.message}`);
+      return EXIT.PROBLEMS;
+    }
+    if (err instanceof AdmissionError) {
+      io.err(`error: ${err.field.join('.')}: ${err.message}`);
+      return EXIT.PROBLEMS;
+    }
+    if (err instanceof HealthCheckError) {
+      io.err(`error: ${err.message}`);
+      return EXIT.PROBLEMS;
+    }
+    if (err instanceof ConfigError || err instanceof LeaseHeldError) {
+      io.err(`error: ${err.message}`);
+      return EXIT.ERROR;
+    }
+    io.err(`error: ${(err as Error).message}`);
+    return EXIT.ERROR;
+  }
+}
+
+async function runOnce(cfg: Config, io: Io): Promise<number> {
+  const daemon = new Daemon(cfg, { serveApi: false, logger: createLogger(cfg.logLevel, 'stderr') });
+  await daemon.start();
+  try {
+    const report = await daemon.waitConverged(cfg.onceTimeoutMs);
+    if (report.converged) {
+      io.out(`converged: ${daemon.store.listKeys().length} resource(s)`);
+      return EXIT.OK;
+    }
+    io.out(`not converged after ${cfg.onceTimeoutMs} ms:`);
+    for (const p of report.pending) io.out(`  ${p.kind}/${p.name}: ${p.phase}: ${p.reason}`);
+    return EXIT.PROBLEMS;
+  } finally {
+    await daemon.stop();
+  }
+}
+
+async function runForever(cfg: Config): Promise<number> {
+  const daemon = new Daemon(cfg);
+  await daemon.start();
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (stopping) return;
+      stopping = true;
+      daemon.logger.info('shutting down', { signal });
+      // A second signal, or a shutdown that hangs, must still end the process.
+      const hard = setTimeout(() => process.exit(EXIT.PROBLEMS), cfg.shutdownTimeoutMs + 1500);
+      hard.unref();
+      void daemon.stop().then(
+        () => resolve(EXIT.OK),
+        (err: Error) => {
+          daemon.logger.error('shutdown failed', { error: err.message });
+          resolve(EXIT.PROBLEMS);
+        },
+      );
+    };
+    process.once('SIGTERM', onSignal);
+    process.once('SIGINT', onSignal);
+  });
+}
+
+function describe(r: StoredResource, store: Store): string {
+  const lines: string[] = [];
+  const kv = (k: string, v: string) => lines.push(`${(k + ':').padEnd(20)}${v}`);
+  kv('Name', r.metadata.name);
+  kv('Kind', r.kind);
+  kv('Labels', Object.entries(r.metadata.labels).map(([k, v]) => `${k}=${v}`).join(', ') || '<none>');
+  kv('Annotations', Object.entries(r.metadata.annotations).map(([k, v]) => `${k}=${v}`).join(', ') || '<none>');
+  kv('Generation', String(r.metadata.generation));
+  kv('Created', `${r.metadata.creationTimestamp} (${age(r.metadata.creationTimestamp)} ago)`);
+  kv('Source', r.source + (r.sourceFile ? ` (${r.sourceFile})` : ''));
+  if (r.metadata.deletionTimestamp) kv('Deleting since', r.metadata.deletionTimestamp);
+  lines.push('Spec:', prefixLines(YAML.stringify(r.spec).trimEnd(), '  '));
+  const { conditions = [], phase, observedGeneration, ...rest } = r.status ?? { conditions: [], phase: 'Pending' };
+  lines.push('Status:');
+  lines.push(`  Phase:              ${phase ?? 'Pending'}`);
+  lines.push(`  Observed gen.:      ${observedGeneration ?? '<none>'}`);
+  delete (rest as Record<string, unknown>).desiredFingerprint;
+  if (Object.keys(rest).length > 0) lines.push(prefixLines(YAML.stringify(rest).trimEnd(), '  '));
+  lines.push('Conditions:');
+  lines.push(
+    conditions.length === 0
+      ? '  <none>'
+      : prefixLines(table(['TYPE', 'STATUS', 'REASON', 'SINCE', 'MESSAGE'], conditions.map((c) => [c.type, c.status, c.reason, age(c.lastTransitionTime), c.message])), '  '),
+  );
+  const events = store.listEvents({ kind: r.kind, name: r.metadata.name, limit: 20 });
+  lines.push('Events:');
+  lines.push(
+    events.length === 0
+      ? '  <none>'
+      : prefixLines(table(['LAST SEEN', 'TYPE', 'REASON', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, String(e.count), e.message])), '  '),
+  );
+  return lines.join('\n');
+}
+
+function prefixLines(text: string, prefix: string): string {
+  return text
+    .trimEnd()
+    .split('\n')
+    .map((l) => prefix + l)
+    .join('\n');
+}
+
+function sortedCopy(v: unknown): unknown {
+  return JSON.parse(canonicalJson(v));
+}
+
+function parsePositiveInt(v: string): number {
+  if (!/^[0-9]+$/.test(v)) throw new InvalidArgumentError('must be a whole number');
+  return Number(v);
+}
+
+function parseRatio(v: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0 || n > 1) throw new InvalidArgumentError('must be a number from 0 to 1');
+  return n;
+}

@@ -1,0 +1,207 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import YAML, { LineCounter, isMap, isPair, isScalar } from 'yaml';
+import type { LogLevel } from './observability/logger.js';
+import { parseDuration } from './util/duration.js';
+
+export interface Config {
+  /** The config file this came from, if any. */
+  configFile: string | undefined;
+  database: string;
+  desiredStateDir: string | undefined;
+  listen: { host: string; port: number };
+  apiTokenFile: string | undefined;
+  logLevel: LogLevel;
+  resyncIntervalMs: number;
+  workers: number;
+  applyDebounceMs: number;
+  maxPrune: number;
+  eventRetention: number;
+  shutdownTimeoutMs: number;
+  onceTimeoutMs: number;
+  iptables: {
+    backend: 'auto' | 'nft' | 'legacy';
+    netns: string | undefined;
+    createNetns: boolean;
+  };
+}
+
+type Kind = 'path' | 'string' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool';
+
+interface Setting {
+  /** Dotted key in the YAML file. */
+  key: string;
+  env: string;
+  kind: Kind;
+  default: string | undefined;
+  help: string;
+}
+
+/** Every setting, its default and its environment variable: the README's reference is generated from this table. */
+export const SETTINGS: readonly Setting[] = [
+  { key: 'database', env: 'POLYDEV_DATABASE', kind: 'path', default: 'var/polydev.db', help: 'SQLite file: desired state, status, events, allocations, snapshots. Created with mode 0600.' },
+  { key: 'desiredStateDir', env: 'POLYDEV_DESIRED_STATE_DIR', kind: 'path', default: undefined, help: 'Directory of desired-state YAML that the daemon watches and applies (all or nothing, with prune). Unset: only `apply` and the API change desired state.' },
+  { key: 'listen', env: 'POLYDEV_LISTEN', kind: 'listen', default: '127.0.0.1:9470', help: 'Address of the HTTP API, /metrics, /healthz and /readyz.' },
+  { key: 'apiTokenFile', env: 'POLYDEV_API_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the bearer token that mutating API calls need. Unset: mutating calls are refused (403).' },
+  { key: 'logLevel', env: 'POLYDEV_LOG_LEVEL', kind: 'logLevel', default: 'info', help: 'error, warn, info or debug.' },
+  { key: 'resyncInterval', env: 'POLYDEV_RESYNC_INTERVAL', kind: 'duration', default: '30s', help: 'Every key is reconciled at least this often, changes or not (drift detection).' },
+  { key: 'workers', env: 'POLYDEV_WORKERS', kind: 'int', default: '4', help: 'Reconciles running at once (never two for the same key).' },
+  { key: 'applyDebounce', env: 'POLYDEV_APPLY_DEBOUNCE', kind: 'duration', default: '500ms', help: 'Quiet time after the last change in desiredStateDir before it is applied.' },
+  { key: 'maxPrune', env: 'POLYDEV_MAX_PRUNE', kind: 'ratio', default: '0.5', help: 'Largest share of a kind\'s resources that a directory apply may delete without --force.' },
+  { key: 'eventRetention', env: 'POLYDEV_EVENT_RETENTION', kind: 'int', default: '10000', help: 'Events kept in the store; older ones are deleted.' },
+  { key: 'shutdownTimeout', env: 'POLYDEV_SHUTDOWN_TIMEOUT', kind: 'duration', default: '8s', help: 'On SIGTERM/SIGINT, how long in-flight reconciles may finish before they are abandoned.' },
+  { key: 'onceTimeout', env: 'POLYDEV_ONCE_TIMEOUT', kind: 'duration', default: '60s', help: '`run --once`: give up (exit 1) if not converged by then.' },
+  { key: 'iptables.backend', env: 'POLYDEV_IPTABLES_BACKEND', kind: 'backend', default: 'auto', help: 'auto (the system\'s iptables), nft or legacy.' },
+  { key: 'iptables.netns', env: 'POLYDEV_IPTABLES_NETNS', kind: 'string', default: undefined, help: 'Run every iptables and sysctl command inside this network namespace (ip netns exec). Unset: the daemon\'s own namespace.' },
+  { key: 'iptables.createNetns', env: 'POLYDEV_IPTABLES_CREATE_NETNS', kind: 'bool', default: 'false', help: 'Create iptables.netns at start if it does not exist (the bundled demo config uses this to keep the host firewall untouched).' },
+];
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+const NETNS_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$/;
+
+function convert(s: Setting, raw: unknown, baseDir: string, where: string): unknown {
+  const fail = (why: string): never => {
+    throw new ConfigError(`${where}: ${s.key}: ${why}`);
+  };
+  const text = typeof raw === 'string' ? raw : typeof raw === 'number' || typeof raw === 'boolean' ? String(raw) : fail('must be a scalar');
+  switch (s.kind) {
+    case 'path':
+      if (text === '') return fail('must not be empty');
+      return path.resolve(baseDir, text);
+    case 'string':
+      if (s.key === 'iptables.netns' && !NETNS_NAME.test(text)) return fail('must be a namespace name of [A-Za-z0-9_.-], at most 32');
+      return text;
+    case 'listen': {
+      const m = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
+      if (!m || Number(m[2]) > 65535) return fail(`must be HOST:PORT, got ${JSON.stringify(text)}`);
+      return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+    }
+    case 'logLevel':
+      if (!['error', 'warn', 'info', 'debug'].includes(text)) return fail('must be error, warn, info or debug');
+      return text;
+    case 'duration':
+      try {
+        return parseDuration(text);
+      } catch (err) {
+        return fail((err as Error).message);
+      }
+    case 'int': {
+      if (!/^[0-9]+$/.test(text) || Number(text) < 1) return fail('must be a positive whole number');
+      return Number(text);
+    }
+    case 'ratio': {
+      const n = Number(text);
+      if (!Number.isFinite(n) || n < 0 || n > 1) return fail('must be a number from 0 to 1');
+      return n;
+    }
+    case 'backend':
+      if (!['auto', 'nft', 'legacy'].includes(text)) return fail('must be auto, nft or legacy');
+      return text;
+    case 'bool':
+      if (!['true', 'false'].includes(text)) return fail('must be true or false');
+      return text === 'true';
+  }
+}
+
+function flatten(obj: Record<string, unknown>, prefix = ''): Map<string, unknown> {
+  const out = new Map<string, unknown>();
+  for (const [k, v] of Object.entries(obj)) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
+      for (const [k2, v2] of flatten(v as Record<string, unknown>, key)) out.set(k2, v2);
+    } else out.set(key, v);
+  }
+  return out;
+}
+
+function linePosOf(text: string, key: string): string {
+  const lc = new LineCounter();
+  const doc = YAML.parseDocument(text, { lineCounter: lc });
+  let node: unknown = doc.contents;
+  let pos = { line: 1, col: 1 };
+  for (const part of key.split('.')) {
+    if (!isMap(node)) break;
+    const pair = node.items.find((p) => isPair(p) && isScalar(p.key) && p.key.value === part);
+    if (!pair || !isScalar(pair.key) || !pair.key.range) break;
+    pos = lc.linePos(pair.key.range[0]);
+    node = pair.value;
+  }
+  return `${pos.line}:${pos.col}`;
+}
+
+/**
+ * Loads settings: defaults, then the YAML file (paths relative to it), then POLYDEV_* variables
+ * (paths relative to the working directory), then explicit overrides (command-line flags).
+ */
+export function loadConfig(
+  file: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+  overrides: Partial<Record<string, string>> = {},
+): Config {
+  const values = new Map<string, unknown>();
+  const cwd = process.cwd();
+  for (const s of SETTINGS) if (s.default !== undefined) values.set(s.key, convert(s, s.default, cwd, 'default'));
+  let configFile: string | undefined;
+  if (file) {
+    configFile = path.resolve(file);
+    let text: string;
+    try {
+      text = fs.readFileSync(configFile, 'utf8');
+    } catch (err) {
+      throw new ConfigError(`${configFile}: cannot read config: ${(err as Error).message}`);
+    }
+    const doc = YAML.parseDocument(text, { prettyErrors: false, uniqueKeys: true });
+    if (doc.errors.length > 0) {
+      const e = doc.errors[0]!;
+      const pos = e.linePos?.[0];
+      throw new ConfigError(`${configFile}:${pos?.line ?? 1}:${pos?.col ?? 1}: YAML syntax error: ${e.message.split('\n')[0]}`);
+    }
+    const parsed = doc.toJS() as unknown;
+    if (parsed !== null && parsed !== undefined) {
+      if (typeof parsed !== 'object' || Array.isArray(parsed)) throw new ConfigError(`${configFile}:1:1: config must be a mapping`);
+      const known = new Map(SETTINGS.map((s) => [s.key, s]));
+      for (const [key, raw] of flatten(parsed as Record<string, unknown>)) {
+        const s = known.get(key);
+        const where = `${configFile}:${linePosOf(text, key)}`;
+        if (!s) throw new ConfigError(`${where}: ${key}: unknown setting (known: ${[...known.keys()].join(', ')})`);
+        if (raw === null || raw === undefined) continue;
+        values.set(key, convert(s, raw, path.dirname(configFile), where));
+      }
+    }
+  }
+  for (const s of SETTINGS) {
+    const raw = env[s.env];
+    if (raw !== undefined && raw !== '') values.set(s.key, convert(s, raw, cwd, `environment ${s.env}`));
+  }
+  for (const [key, raw] of Object.entries(overrides)) {
+    const s = SETTINGS.find((x) => x.key === key);
+    if (s && raw !== undefined) values.set(key, convert(s, raw, cwd, 'command line'));
+  }
+  const get = <T>(key: string) => values.get(key) as T;
+  return {
+    configFile,
+    database: get<string>('database'),
+    desiredStateDir: get<string | undefined>('desiredStateDir'),
+    listen: get<{ host: string; port: number }>('listen'),
+    apiTokenFile: get<string | undefined>('apiTokenFile'),
+    logLevel: get<LogLevel>('logLevel'),
+    resyncIntervalMs: get<number>('resyncInterval'),
+    workers: get<number>('workers'),
+    applyDebounceMs: get<number>('applyDebounce'),
+    maxPrune: get<number>('maxPrune'),
+    eventRetention: get<number>('eventRetention'),
+    shutdownTimeoutMs: get<number>('shutdownTimeout'),
+    onceTimeoutMs: get<number>('onceTimeout'),
+    iptables: {
+      backend: get<'auto' | 'nft' | 'legacy'>('iptables.backend'),
+      netns: get<string | undefined>('iptables.netns'),
+      createNetns: get<boolean>('iptables.createNetns'),
+    },
+  };
+}

@@ -1,0 +1,172 @@
+import type { Store } from '../state/store.js';
+import type { JsonObject, ResourceSource } from '../state/types.js';
+import { formatPath, type DesiredResource, type DesiredStateValidator, type Problem } from './validate.js';
+
+/** What a kind checks against the store when a resource is written (like a Kubernetes admission webhook). */
+export interface Admission {
+  kind: string;
+  /** Lower runs first within one apply (pools before the ports that reference them). */
+  order: number;
+  /**
+   * Called once per write transaction; the returned function runs for each resource of the kind
+   * in it, may write (allocations), and throws AdmissionError to refuse. Per-batch state (caches)
+   * lives in the closure, so a bulk apply stays linear.
+   */
+  prepare(store: Store): (resource: AdmittedResource) => void;
+}
+
+export interface AdmittedResource {
+  kind: string;
+  name: string;
+  spec: JsonObject;
+}
+
+export class AdmissionError extends Error {
+  constructor(
+    readonly field: Array<string | number>,
+    message: string,
+    readonly code = 'INVALID',
+  ) {
+    super(message);
+    this.name = 'AdmissionError';
+  }
+}
+
+export interface ApplyOptions {
+  prune?: boolean;
+  dryRun?: boolean;
+  /** Largest share (0..1) of a kind's applied resources that prune may delete without force. */
+  maxPrune?: number;
+  force?: boolean;
+  source?: ResourceSource;
+}
+
+export interface ApplyResult {
+  ok: boolean;
+  created: string[];
+  configured: string[];
+  unchanged: string[];
+  pruned: string[];
+  problems: Problem[];
+  /** Set when prune was refused (the refusal is also in problems). */
+  pruneRefused?: boolean;
+  files: string[];
+}
+
+class Rollback extends Error {}
+
+/**
+ * Applies a file or directory all or nothing: every document is validated first, then every
+ * write (and the prune) happens in one transaction that any refused document rolls back.
+ */
+export function applyPath(
+  store: Store,
+  validator: DesiredStateValidator,
+  admissions: Admission[],
+  target: string,
+  options: ApplyOptions = {},
+): ApplyResult {
+  const loaded = validator.loadPath(target);
+  const result: ApplyResult = {
+    ok: false,
+    created: [],
+    configured: [],
+    unchanged: [],
+    pruned: [],
+    problems: loaded.problems,
+    files: loaded.files,
+  };
+  if (loaded.problems.length > 0) return result;
+  if (loaded.resources.length === 0) {
+    result.problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: 'no resources to apply' });
+    return result;
+  }
+  const admissionOf = new Map(admissions.map((a) => [a.kind, a]));
+  const admitters = new Map<string, (r: AdmittedResource) => void>();
+  const ordered = [...loaded.resources].sort(
+    (a, b) => (admissionOf.get(a.kind)?.order ?? 50) - (admissionOf.get(b.kind)?.order ?? 50),
+  );
+  const report = (r: DesiredResource, field: Array<string | number>, message: string) =>
+    result.problems.push({ file: r.file, ...r.locate(field), resource: `${r.kind}/${r.name}`, field: formatPath(field), message });
+
+  try {
+    store.transaction(() => {
+      for (const r of ordered) {
+        const existing = store.getResource(r.kind, r.name);
+        if (existing && existing.source !== (options.source ?? 'apply') && existing.source === 'kubernetes') {
+          report(r, ['metadata', 'name'], `${r.kind}/${r.name} is owned by the Kubernetes source; change it there`);
+          continue;
+        }
+        try {
+          const admission = admissionOf.get(r.kind);
+          if (admission) {
+            if (!admitters.has(r.kind)) admitters.set(r.kind, admission.prepare(store));
+            admitters.get(r.kind)!(r);
+          }
+        } catch (err) {
+          if (err instanceof AdmissionError) {
+            report(r, err.field, err.message);
+            continue;
+          }
+          throw err;
+        }
+        const out = store.upsertResource({
+          kind: r.kind,
+          name: r.name,
+          labels: r.labels,
+          annotations: r.annotations,
+          spec: r.spec,
+          source: options.source ?? 'apply',
+          sourceFile: r.file,
+        });
+        const id = `${r.kind}/${r.name}`;
+        if (out.created) result.created.push(id);
+        else if (out.specChanged || out.metaChanged) result.configured.push(id);
+        else result.unchanged.push(id);
+      }
+      if (result.problems.length > 0) throw new Rollback();
+      if (options.prune) prune(store, loaded.resources, options, result);
+      if (result.problems.length > 0 || options.dryRun) throw new Rollback();
+    });
+  } catch (err) {
+    if (!(err instanceof Rollback)) throw err;
+  }
+  result.ok = result.problems.length === 0;
+  return result;
+}
+
+function prune(store: Store, applied: DesiredResource[], options: ApplyOptions, result: ApplyResult): void {
+  const maxPrune = options.maxPrune ?? 0.5;
+  const keep = new Set(applied.map((r) => `${r.kind}/${r.name}`));
+  const kinds = [...new Set(applied.map((r) => r.kind))];
+  const doomed: string[] = [];
+  for (const kind of kinds) {
+    // Only what an apply created is pruned: resources made through the API belong to their callers.
+    const candidates = store.listResources(kind).filter((r) => r.source === 'apply' && !r.metadata.deletionTimestamp);
+    const gone = candidates.filter((r) => !keep.has(`${kind}/${r.metadata.name}`));
+    if (gone.length === 0) continue;
+    const share = gone.length / candidates.length;
+    if (share > maxPrune && !options.force) {
+      result.pruneRefused = true;
+      result.problems.push({
+        file: '-',
+        line: 0,
+        col: 0,
+        resource: kind,
+        field: '-',
+        message:
+          `prune would delete ${gone.length} of ${candidates.length} ${kind} resources ` +
+          `(${Math.round(share * 100)}% > --max-prune ${Math.round(maxPrune * 100)}%): ` +
+          `${gone.slice(0, 5).map((r) => r.metadata.name).join(', ')}${gone.length > 5 ? ', …' : ''}; nothing was changed (use --force)`,
+      });
+      continue;
+    }
+    for (const r of gone) doomed.push(`${kind}/${r.metadata.name}`);
+  }
+  if (result.pruneRefused) return;
+  for (const id of doomed) {
+    const [kind, name] = id.split('/') as [string, string];
+    store.requestDeletion(kind, name);
+    result.pruned.push(id);
+  }
+}

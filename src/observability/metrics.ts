@@ -1,0 +1,98 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+/** Every metric the daemon exports, on a registry of its own (so tests can run several daemons in one process). */
+export class Metrics {
+  readonly registry = new Registry();
+
+  readonly reconcileTotal = new Counter({
+    name: 'polydev_reconcile_total',
+    help: 'Reconciles by kind and result (success, error, requeue).',
+    labelNames: ['kind', 'result'] as const,
+    registers: [this.registry],
+  });
+  readonly reconcileErrors = new Counter({
+    name: 'polydev_reconcile_errors_total',
+    help: 'Reconciles that ended in an error, by kind.',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly reconcileDuration = new Histogram({
+    name: 'polydev_reconcile_duration_seconds',
+    help: 'Time of one reconcile of one key, by kind.',
+    labelNames: ['kind'] as const,
+    buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [this.registry],
+  });
+  readonly workqueueDepth = new Gauge({
+    name: 'polydev_workqueue_depth',
+    help: 'Keys waiting in the work queue (not counting keys waiting out a backoff).',
+    registers: [this.registry],
+  });
+  readonly workqueueRetries = new Counter({
+    name: 'polydev_workqueue_retries_total',
+    help: 'Keys put back on the queue with a backoff after a failure.',
+    registers: [this.registry],
+  });
+  readonly workqueueAdds = new Counter({
+    name: 'polydev_workqueue_adds_total',
+    help: 'Keys added to the work queue.',
+    registers: [this.registry],
+  });
+  readonly driftTotal = new Counter({
+    name: 'polydev_drift_total',
+    help: 'Times a Ready resource was found to differ from its desired state, by kind.',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly driftUnrepaired = new Gauge({
+    name: 'polydev_drift_unrepaired',
+    help: '1 while a resource has drift that is not repaired (driftPolicy warn, or repair failing).',
+    labelNames: ['kind', 'name'] as const,
+    registers: [this.registry],
+  });
+  readonly resources = new Gauge({
+    name: 'polydev_resources',
+    help: 'Resources by kind and phase.',
+    labelNames: ['kind', 'phase'] as const,
+    registers: [this.registry],
+  });
+  readonly iptablesRestoreTotal = new Counter({
+    name: 'polydev_iptables_restore_total',
+    help: 'iptables-restore runs, by result.',
+    labelNames: ['result'] as const,
+    registers: [this.registry],
+  });
+  readonly iptablesSyncDuration = new Histogram({
+    name: 'polydev_iptables_sync_duration_seconds',
+    help: 'Time of one ProxyPool iptables sync (save, plan, restore, read-back).',
+    buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+    registers: [this.registry],
+  });
+  readonly proxyPorts = new Gauge({
+    name: 'polydev_proxy_ports',
+    help: 'Proxy ports by state (programmed, pending, failed, healthy, unhealthy, unchecked).',
+    labelNames: ['state'] as const,
+    registers: [this.registry],
+  });
+  readonly proxyPortCheckDuration = new Histogram({
+    name: 'polydev_proxy_port_check_duration_seconds',
+    help: 'Time of one proxy port health check through the upstream.',
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
+  });
+  readonly desiredStateApplies = new Counter({
+    name: 'polydev_desired_state_applies_total',
+    help: 'Applies of the watched desired-state directory, by result (applied, unchanged, rejected).',
+    labelNames: ['result'] as const,
+    registers: [this.registry],
+  });
+  readonly up = new Gauge({
+    name: 'polydev_reconciler_ready',
+    help: '1 once the first full sync is done.',
+    registers: [this.registry],
+  });
+
+  constructor(opts: { processMetrics?: boolean } = {}) {
+    if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'polydev_' });
+  }
+}

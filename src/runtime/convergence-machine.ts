@@ -1,0 +1,163 @@
+import { assign, fromPromise, setup } from 'xstate';
+
+export type DriftPolicy = 'correct' | 'warn' | 'ignore';
+
+export interface ObserveOutput {
+  /** Human-readable descriptions of what a sync would do now; empty when converged. */
+  plan: string[];
+  /** Desired state differs from what was last converged: a non-empty plan is then a change, not drift. */
+  desiredChanged: boolean;
+}
+
+const output = (event: unknown) => (event as { output: ObserveOutput }).output;
+
+export interface ConvergenceContext {
+  failures: number;
+  lastError: string | null;
+  plan: string[];
+  /** The last settled state was Ready (so a non-empty plan now is drift). */
+  wasReady: boolean;
+  /** Set during a run in which drift was found (from Ready to a non-empty plan). */
+  driftDetected: boolean;
+  driftPolicy: DriftPolicy;
+  degradedAfter: number;
+}
+
+export type ConvergenceEvent =
+  | { type: 'RECONCILE'; driftPolicy: DriftPolicy }
+  | { type: 'DELETE' };
+
+/** States in which a run stops and the snapshot is persisted: nothing is in flight there. */
+export const SETTLED_STATES = new Set(['Pending', 'Ready', 'Drifted', 'Backoff', 'Degraded', 'TerminatingBackoff', 'Deleted']);
+
+// Each run provides the real actors (closures over that run's desired state) with machine.provide().
+const notProvided = <T>(what: string) =>
+  fromPromise<T>(async () => {
+    throw new Error(`${what} actor not provided`);
+  });
+
+/**
+ * The life of one converging resource (WarmPool, ProxyPool, …):
+ *
+ *   Pending → Observing → Converging → Verifying → Ready ⇄ (Observing) → Drifted | Converging
+ *   any failure → Backoff → Observing; `degradedAfter` failures in a row → Degraded
+ *   DELETE → Terminating → Deleted (teardown failure → TerminatingBackoff → Terminating)
+ *
+ * Only settled states are persisted. A daemon that died mid-run restores the last settled
+ * state and starts over with a fresh observation, so no stale plan is ever replayed.
+ */
+export const convergenceMachine = setup({
+  types: {
+    context: {} as ConvergenceContext,
+    events: {} as ConvergenceEvent,
+    input: {} as { degradedAfter?: number } | undefined,
+  },
+  actors: {
+    observe: notProvided<ObserveOutput>('observe'),
+    execute: notProvided<void>('execute'),
+    teardown: notProvided<void>('teardown'),
+  },
+  actions: {
+    beginRun: assign(({ event }) => ({
+      driftDetected: false,
+      driftPolicy: event.type === 'RECONCILE' ? event.driftPolicy : 'correct',
+    })),
+    recordPlan: assign({ plan: ({ event }) => output(event).plan }),
+    markDrift: assign({ driftDetected: ({ context, event }) => context.wasReady && !output(event).desiredChanged }),
+    recordError: assign({
+      lastError: ({ event }) => {
+        const err = (event as unknown as { error: unknown }).error;
+        return err instanceof Error ? err.message : String(err);
+      },
+    }),
+  },
+  guards: {
+    converged: ({ event }) => output(event).plan.length === 0,
+    ignoreDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'ignore',
+    leaveDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'warn',
+    tooManyFailures: ({ context }) => context.failures >= context.degradedAfter,
+  },
+}).createMachine({
+  id: 'convergence',
+  initial: 'Pending',
+  context: ({ input }) => ({
+    failures: 0,
+    lastError: null,
+    plan: [],
+    wasReady: false,
+    driftDetected: false,
+    driftPolicy: 'correct',
+    degradedAfter: input?.degradedAfter ?? 5,
+  }),
+  on: {
+    DELETE: { target: '.Terminating' },
+  },
+  states: {
+    Pending: { on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } } },
+    Observing: {
+      invoke: {
+        src: 'observe',
+        onDone: [
+          { guard: 'converged', target: 'Ready', actions: 'recordPlan' },
+          { guard: 'ignoreDrift', target: 'Ready', actions: 'recordPlan' },
+          { guard: 'leaveDrift', target: 'Drifted', actions: ['recordPlan', 'markDrift'] },
+          { target: 'Converging', actions: ['recordPlan', 'markDrift'] },
+        ],
+        onError: { target: 'Failing', actions: 'recordError' },
+      },
+    },
+    Converging: {
+      invoke: {
+        src: 'execute',
+        onDone: { target: 'Verifying' },
+        onError: { target: 'Failing', actions: 'recordError' },
+      },
+    },
+    Verifying: {
+      invoke: {
+        src: 'observe',
+        onDone: [
+          { guard: 'converged', target: 'Ready', actions: 'recordPlan' },
+          {
+            target: 'Failing',
+            actions: [
+              'recordPlan',
+              assign({
+                lastError: ({ event }) => {
+                  const plan = output(event).plan;
+                  return `not converged after sync: ${plan.length} change(s) still needed (${plan.slice(0, 3).join('; ')})`;
+                },
+              }),
+            ],
+          },
+        ],
+        onError: { target: 'Failing', actions: 'recordError' },
+      },
+    },
+    Failing: {
+      entry: assign({ failures: ({ context }) => context.failures + 1, wasReady: false }),
+      always: [{ guard: 'tooManyFailures', target: 'Degraded' }, { target: 'Backoff' }],
+    },
+    Ready: {
+      entry: assign({ failures: 0, lastError: null, wasReady: true }),
+      on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } },
+    },
+    Drifted: {
+      entry: assign({ wasReady: true }),
+      on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } },
+    },
+    Backoff: { on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } } },
+    Degraded: { on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } } },
+    Terminating: {
+      invoke: {
+        src: 'teardown',
+        onDone: { target: 'Deleted' },
+        onError: { target: 'TerminatingBackoff', actions: ['recordError', assign({ failures: ({ context }) => context.failures + 1 })] },
+      },
+    },
+    TerminatingBackoff: { on: { RECONCILE: { target: 'Terminating' } } },
+    Deleted: { type: 'final' },
+  },
+});
+
+export type ConvergenceMachine = typeof convergenceMachine;

@@ -1,0 +1,482 @@
+import { createActor, fromPromise, waitFor, type SnapshotFrom } from 'xstate';
+import type { Logger } from '../observability/logger.js';
+import type { Metrics } from '../observability/metrics.js';
+import type { Store } from '../state/store.js';
+import {
+  setCondition,
+  type Change,
+  type Condition,
+  type EventType,
+  type ResourceStatus,
+  type StoredResource,
+} from '../state/types.js';
+import {
+  convergenceMachine,
+  SETTLED_STATES,
+  type ConvergenceContext,
+  type DriftPolicy,
+  type ObserveOutput,
+} from './convergence-machine.js';
+import {
+  isConverging,
+  type AnyConvergingController,
+  type Controller,
+  type ControllerContext,
+  type EventRecorder,
+  type SettledRun,
+  type SimpleController,
+} from './controller.js';
+import { backoffDelay, DEFAULT_BACKOFF, WorkQueue, type BackoffPolicy } from './queue.js';
+
+export interface ManagerOptions {
+  store: Store;
+  logger: Logger;
+  metrics: Metrics;
+  controllers: Controller[];
+  workers: number;
+  resyncIntervalMs: number;
+  backoff?: BackoffPolicy;
+  /** How often to look for changes other processes (the CLI) wrote to the store. */
+  changePollMs?: number;
+  /** A single run (observe, act, verify) that takes longer than this fails. */
+  runTimeoutMs?: number;
+}
+
+export interface ConvergenceReport {
+  converged: boolean;
+  pending: Array<{ kind: string; name: string; phase: string; reason: string }>;
+}
+
+type Snapshot = SnapshotFrom<typeof convergenceMachine>;
+
+const key = (kind: string, name: string) => `${kind}/${name}`;
+const splitKey = (k: string): [string, string] => {
+  const i = k.indexOf('/');
+  return [k.slice(0, i), k.slice(i + 1)];
+};
+
+/**
+ * The machinery that every kind shares (controller-runtime's Manager): the work queue and its
+ * workers, backoff kept in the store, periodic resync, the change feed, watches between kinds,
+ * and the one transaction that records each settled run.
+ */
+export class Manager {
+  readonly queue: WorkQueue;
+  private readonly controllers = new Map<string, Controller>();
+  private readonly watchers = new Map<string, Array<{ controller: Controller; map: (name: string) => string[] }>>();
+  private readonly ctx: ControllerContext;
+  private readonly recorder: EventRecorder;
+  private readonly backoff: BackoffPolicy;
+  private workers: Array<Promise<void>> = [];
+  private resyncTimer: NodeJS.Timeout | undefined;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private lastSeq = 0;
+  private readonly initialKeys = new Set<string>();
+  private initialSyncDone = false;
+  private readonly inFlight = new Map<string, AbortController>();
+  private readonly onChange = (c: Change) => this.handleChange(c);
+  private stopped = false;
+
+  constructor(private readonly opts: ManagerOptions) {
+    this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
+    this.queue = new WorkQueue({
+      onDepth: (d) => opts.metrics.workqueueDepth.set(d),
+      onAdd: () => opts.metrics.workqueueAdds.inc(),
+    });
+    this.recorder = {
+      record: (kind, name, type, reason, message) => {
+        opts.store.recordEvent({ kind, name, type, reason, message });
+        const log = type === 'Warning' ? opts.logger.warn.bind(opts.logger) : opts.logger.info.bind(opts.logger);
+        log(message, { event: reason, resource: key(kind, name) });
+      },
+    };
+    this.ctx = {
+      store: opts.store,
+      logger: opts.logger,
+      metrics: opts.metrics,
+      recorder: this.recorder,
+      enqueue: (kind, name, afterMs) =>
+        afterMs ? this.queue.addAfter(key(kind, name), afterMs) : this.queue.add(key(kind, name)),
+    };
+    for (const c of opts.controllers) {
+      this.controllers.set(c.kind, c);
+      for (const w of c.watches ?? []) {
+        const list = this.watchers.get(w.kind) ?? [];
+        list.push({ controller: c, map: w.map });
+        this.watchers.set(w.kind, list);
+      }
+    }
+  }
+
+  get events(): EventRecorder {
+    return this.recorder;
+  }
+
+  get context(): ControllerContext {
+    return this.ctx;
+  }
+
+  isReady(): boolean {
+    return this.initialSyncDone;
+  }
+
+  start(): void {
+    const { store } = this.opts;
+    this.lastSeq = store.latestChangeSeq();
+    store.on('change', this.onChange);
+    const now = Date.now();
+    const delayed = new Map(store.listBackoff().map((b) => [key(b.kind, b.name), b.nextAttemptAt]));
+    for (const { kind, name } of store.listKeys()) {
+      const k = key(kind, name);
+      this.initialKeys.add(k);
+      const at = delayed.get(k);
+      if (at !== undefined && at > now) this.queue.addAfter(k, at - now);
+      else this.queue.add(k);
+    }
+    if (this.initialKeys.size === 0) this.markInitialSync();
+    for (const c of this.controllers.values()) c.start?.(this.ctx);
+    for (let i = 0; i < this.opts.workers; i++) this.workers.push(this.worker());
+    this.resyncTimer = setInterval(() => this.resync(), this.opts.resyncIntervalMs);
+    this.resyncTimer.unref();
+    this.pollTimer = setInterval(() => this.pollChanges(), this.opts.changePollMs ?? 250);
+    this.pollTimer.unref();
+  }
+
+  private markInitialSync(): void {
+    if (this.initialSyncDone) return;
+    this.initialSyncDone = true;
+    this.opts.metrics.up.set(1);
+    this.opts.logger.info('initial sync done', { resources: this.opts.store.listKeys().length });
+  }
+
+  /** Enqueues every key: drift that no watch reports is found here. */
+  resync(): void {
+    for (const { kind, name } of this.opts.store.listKeys()) this.queue.add(key(kind, name));
+  }
+
+  private pollChanges(): void {
+    if (this.stopped || !this.opts.store.db.open) return;
+    try {
+      const changes = this.opts.store.changesSince(this.lastSeq);
+      for (const c of changes) {
+        this.lastSeq = c.seq;
+        this.handleChange(c);
+      }
+    } catch (err) {
+      this.opts.logger.warn('cannot read the change feed', { error: (err as Error).message });
+    }
+  }
+
+  private handleChange(c: Change): void {
+    if (c.op === 'deleted') return;
+    this.queue.add(key(c.kind, c.name));
+    for (const w of this.watchers.get(c.kind) ?? []) {
+      for (const name of w.map(c.name)) this.queue.add(key(w.controller.kind, name));
+    }
+  }
+
+  private async worker(): Promise<void> {
+    for (;;) {
+      const k = await this.queue.get();
+      if (k === undefined) return;
+      try {
+        await this.reconcileKey(k);
+      } catch (err) {
+        this.opts.logger.error('reconcile crashed', { key: k, error: (err as Error).stack ?? String(err) });
+      } finally {
+        this.queue.done(k);
+        if (!this.initialSyncDone && this.initialKeys.delete(k) && this.initialKeys.size === 0) this.markInitialSync();
+      }
+    }
+  }
+
+  /** Reconciles one key now (workers call this; tests and `--once` may too). */
+  async reconcileKey(k: string): Promise<void> {
+    const [kind, name] = splitKey(k);
+    const controller = this.controllers.get(kind);
+    const started = performance.now();
+    let result = 'success';
+    try {
+      if (!controller) {
+        this.markUncontrolled(kind, name);
+        return;
+      }
+      const abort = new AbortController();
+      this.inFlight.set(k, abort);
+      try {
+        const outcome = isConverging(controller)
+          ? await this.runConverging(controller, name, abort.signal)
+          : await this.runSimple(controller, name);
+        if (outcome.failed) {
+          result = 'error';
+          this.opts.metrics.reconcileErrors.inc({ kind });
+        }
+        if (outcome.requeueAfterMs !== undefined) this.queue.addAfter(k, outcome.requeueAfterMs);
+      } finally {
+        this.inFlight.delete(k);
+      }
+    } finally {
+      this.opts.metrics.reconcileTotal.inc({ kind, result });
+      this.opts.metrics.reconcileDuration.observe({ kind }, (performance.now() - started) / 1000);
+      this.refreshResourceGauge();
+    }
+  }
+
+  private refreshResourceGauge(): void {
+    if (!this.opts.store.db.open) return;
+    this.opts.metrics.resources.reset();
+    for (const { kind, phase, n } of this.opts.store.phaseCounts()) this.opts.metrics.resources.set({ kind, phase }, n);
+  }
+
+  private markUncontrolled(kind: string, name: string): void {
+    const { store } = this.opts;
+    const res = store.getResource(kind, name);
+    if (!res) return;
+    if (res.metadata.deletionTimestamp) {
+      store.removeResource(kind, name);
+      return;
+    }
+    const now = new Date().toISOString();
+    const conditions = setCondition(res.status?.conditions ?? [], {
+      type: 'Ready',
+      status: 'False',
+      reason: 'NoController',
+      message: `this build of polydev-reconciler has no controller for ${kind} yet; the resource is stored but not acted on`,
+    }, now);
+    store.transaction(() => store.setStatus(kind, name, { phase: 'Pending', conditions }));
+  }
+
+  private async runSimple(c: SimpleController, name: string): Promise<{ failed: boolean; requeueAfterMs?: number }> {
+    try {
+      const out = await c.reconcile(name, this.ctx);
+      return { failed: false, ...(out?.requeueAfterMs !== undefined ? { requeueAfterMs: out.requeueAfterMs } : {}) };
+    } catch (err) {
+      this.opts.logger.error('reconcile failed', { resource: key(c.kind, name), error: (err as Error).message });
+      return { failed: true, requeueAfterMs: this.backoff.baseMs };
+    }
+  }
+
+  private async runConverging(
+    c: AnyConvergingController,
+    name: string,
+    signal: AbortSignal,
+  ): Promise<{ failed: boolean; requeueAfterMs?: number }> {
+    const { store, logger, metrics } = this.opts;
+    const resource = store.getResource(c.kind, name);
+    if (!resource) return { failed: false };
+    const deleting = resource.metadata.deletionTimestamp !== undefined;
+
+    let desired: unknown;
+    let observed: unknown;
+    let actions: unknown[] = [];
+    let fingerprint = '';
+    const lastFingerprint = resource.status?.desiredFingerprint as string | undefined;
+    const machine = convergenceMachine.provide({
+      actors: {
+        observe: fromObserve(async () => {
+          desired = c.desired(resource);
+          fingerprint = c.fingerprint?.(desired) ?? `generation:${resource.metadata.generation}`;
+          observed = await c.observe(desired);
+          actions = c.plan(desired, observed);
+          return { plan: actions.map((a) => c.describe(a)), desiredChanged: fingerprint !== lastFingerprint };
+        }),
+        execute: fromExecute(async () => {
+          await c.execute(desired, observed, actions);
+        }),
+        teardown: fromExecute(async () => {
+          await c.teardown(resource);
+        }),
+      },
+    });
+    const persisted = store.getSnapshot(c.kind, name) as Snapshot | undefined;
+    const restorable = persisted && SETTLED_STATES.has(String(persisted.value)) && persisted.value !== 'Deleted';
+    const actor = createActor(machine, restorable ? { snapshot: persisted, input: {} } : { input: {} });
+    actor.start();
+    const driftPolicy: DriftPolicy = c.driftPolicy(resource);
+    actor.send(deleting ? { type: 'DELETE' } : { type: 'RECONCILE', driftPolicy });
+    let snap: Snapshot;
+    try {
+      snap = await waitFor(actor, (s) => SETTLED_STATES.has(String(s.value)), {
+        timeout: this.opts.runTimeoutMs ?? 120_000,
+        signal,
+      });
+    } catch (err) {
+      actor.stop();
+      // Abandoned (shutdown) or stuck: the last settled snapshot stays, the next run starts afresh.
+      const reason = signal.aborted ? 'abandoned at shutdown' : (err as Error).message;
+      logger.warn('reconcile did not settle', { resource: key(c.kind, name), reason });
+      if (signal.aborted) return { failed: false };
+      this.recorder.record(c.kind, name, 'Warning', 'SyncTimeout', `reconcile did not settle: ${reason}`);
+      return { failed: true, requeueAfterMs: backoffDelay(1, this.backoff) };
+    }
+    const persistedSnapshot = actor.getPersistedSnapshot();
+    actor.stop();
+    const state = String(snap.value);
+    const context: ConvergenceContext = snap.context;
+    const run: SettledRun<unknown, unknown> = {
+      resource,
+      desired,
+      observed,
+      state,
+      lastError: context.lastError,
+      driftDetected: context.driftDetected,
+      plan: context.plan,
+    };
+    const failed = state === 'Backoff' || state === 'Degraded' || state === 'TerminatingBackoff';
+    const retryInMs = failed ? backoffDelay(context.failures, this.backoff) : undefined;
+    const events: Array<[EventType, string, string]> = [];
+    if (context.driftDetected) {
+      metrics.driftTotal.inc({ kind: c.kind });
+      const what = `${context.plan.length} change(s): ${context.plan.slice(0, 5).join('; ')}${context.plan.length > 5 ? '; …' : ''}`;
+      events.push([
+        'Warning',
+        'DriftDetected',
+        state === 'Drifted' ? `drift found and left alone (driftPolicy ${driftPolicy}): ${what}` : `drift found, repairing: ${what}`,
+      ]);
+    }
+    if (state === 'Ready' && context.plan.length === 0 && run.driftDetected === false && persisted?.value !== 'Ready') {
+      events.push(['Normal', 'Converged', `${c.kind} ${name} is converged`]);
+    }
+    if (failed) events.push(['Warning', state === 'Degraded' ? 'Degraded' : 'SyncFailed', context.lastError ?? 'failed']);
+    if (state === 'Deleted') events.push(['Normal', 'Deleted', `${c.kind} ${name} and everything it owned are removed`]);
+    metrics.driftUnrepaired.set({ kind: c.kind, name }, state === 'Drifted' || (failed && context.driftDetected) ? 1 : 0);
+
+    store.transaction(() => {
+      if (state === 'Deleted') {
+        c.commit?.(run);
+        store.removeResource(c.kind, name);
+        metrics.driftUnrepaired.remove({ kind: c.kind, name });
+      } else {
+        store.setSnapshot(c.kind, name, persistedSnapshot);
+        const status = this.statusOf(c, run, retryInMs);
+        if ((state === 'Ready' || state === 'Drifted') && fingerprint) status.desiredFingerprint = fingerprint;
+        store.setStatus(c.kind, name, status);
+        if (failed) {
+          store.setBackoff(c.kind, name, context.failures, Date.now() + retryInMs!, context.lastError ?? 'failed');
+        } else {
+          store.clearBackoff(c.kind, name);
+        }
+        c.commit?.(run);
+      }
+      for (const [type, reason, message] of events) this.recorder.record(c.kind, name, type, reason, message);
+    });
+    if (failed) {
+      metrics.workqueueRetries.inc();
+      return { failed: true, requeueAfterMs: retryInMs! };
+    }
+    const after = c.requeueAfterMs?.(run);
+    return { failed: false, ...(after !== undefined ? { requeueAfterMs: after } : {}) };
+  }
+
+  private statusOf(
+    c: AnyConvergingController,
+    run: SettledRun<unknown, unknown>,
+    retryInMs: number | undefined,
+  ): ResourceStatus {
+    const now = new Date().toISOString();
+    const generation = run.resource.metadata.generation;
+    const prev = run.resource.status;
+    let conditions: Condition[] = prev?.conditions ?? [];
+    const ready = run.state === 'Ready';
+    const readyReason: Record<string, string> = {
+      Ready: 'Converged',
+      Drifted: 'DriftNotCorrected',
+      Backoff: 'SyncFailed',
+      Degraded: 'Degraded',
+      TerminatingBackoff: 'TeardownFailed',
+    };
+    conditions = setCondition(conditions, {
+      type: 'Ready',
+      status: ready ? 'True' : 'False',
+      reason: readyReason[run.state] ?? run.state,
+      message: ready
+        ? 'desired state is in place'
+        : run.state === 'Drifted'
+          ? `live state differs and driftPolicy is not correct: ${run.plan.slice(0, 3).join('; ')}`
+          : `${run.lastError ?? run.state}${retryInMs !== undefined ? ` (retry in ${Math.round(retryInMs)} ms)` : ''}`,
+      observedGeneration: generation,
+    }, now);
+    conditions = setCondition(conditions, {
+      type: 'Degraded',
+      status: run.state === 'Degraded' ? 'True' : 'False',
+      reason: run.state === 'Degraded' ? 'RepeatedFailures' : 'AsExpected',
+      message: run.state === 'Degraded' ? (run.lastError ?? 'repeated failures') : '',
+      observedGeneration: generation,
+    }, now);
+    const lastDriftAt = run.driftDetected ? now : (prev?.lastDriftAt as string | undefined);
+    return {
+      ...(prev ?? {}),
+      ...(c.statusFields?.(run) ?? {}),
+      phase: run.state,
+      observedGeneration: generation,
+      conditions,
+      ...(lastDriftAt ? { lastDriftAt } : {}),
+    };
+  }
+
+  /** Waits until every resource has converged for its current generation, or the deadline passes. */
+  async waitConverged(timeoutMs: number, pollMs = 50): Promise<ConvergenceReport> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const report = this.convergenceReport();
+      if (report.converged && this.queue.depth === 0 && this.queue.busy === 0) return report;
+      if (Date.now() >= deadline) return report;
+      await new Promise((r) => setTimeout(r, pollMs));
+    }
+  }
+
+  convergenceReport(): ConvergenceReport {
+    const pending: ConvergenceReport['pending'] = [];
+    for (const res of this.opts.store.listResources()) {
+      if (!this.isConverged(res)) {
+        const ready = res.status?.conditions.find((c) => c.type === 'Ready');
+        pending.push({
+          kind: res.kind,
+          name: res.metadata.name,
+          phase: res.status?.phase ?? 'Pending',
+          reason: ready ? `${ready.reason}: ${ready.message}` : 'not reconciled yet',
+        });
+      }
+    }
+    return { converged: pending.length === 0, pending };
+  }
+
+  private isConverged(res: StoredResource): boolean {
+    const c = this.controllers.get(res.kind);
+    if (!c) return false;
+    if (!isConverging(c)) return c.converged(res);
+    return (
+      res.metadata.deletionTimestamp === undefined &&
+      res.status?.phase === 'Ready' &&
+      res.status.observedGeneration === res.metadata.generation
+    );
+  }
+
+  /** Stops taking work, lets in-flight reconciles finish for up to graceMs, then abandons them. */
+  async stop(graceMs: number): Promise<{ abandoned: string[] }> {
+    if (this.stopped) return { abandoned: [] };
+    this.stopped = true;
+    this.opts.store.off('change', this.onChange);
+    if (this.resyncTimer) clearInterval(this.resyncTimer);
+    if (this.pollTimer) clearInterval(this.pollTimer);
+    this.queue.shutDown();
+    await Promise.allSettled([...this.controllers.values()].map((c) => c.stop?.()));
+    const all = Promise.allSettled(this.workers);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      all.then(() => false),
+      new Promise<boolean>((r) => {
+        timer = setTimeout(() => r(true), graceMs);
+      }),
+    ]);
+    if (timer) clearTimeout(timer);
+    const abandoned = timedOut ? [...this.inFlight.keys()] : [];
+    for (const a of this.inFlight.values()) a.abort();
+    if (timedOut) await Promise.race([all, new Promise((r) => setTimeout(r, 500))]);
+    return { abandoned };
+  }
+}
+
+// The machine's placeholder actors are replaced per run; these keep their types.
+const fromObserve = (fn: () => Promise<ObserveOutput>) => fromPromise(fn);
+const fromExecute = (fn: () => Promise<void>) => fromPromise(fn);

@@ -1,0 +1,123 @@
+import type Database from 'better-sqlite3';
+
+// Append-only: a released migration is never edited, a change is a new entry.
+export const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> = [
+  {
+    version: 1,
+    name: 'initial',
+    sql: `
+CREATE TABLE resources (
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  uid TEXT NOT NULL,
+  generation INTEGER NOT NULL,
+  resource_version INTEGER NOT NULL,
+  labels TEXT NOT NULL DEFAULT '{}',
+  annotations TEXT NOT NULL DEFAULT '{}',
+  spec TEXT NOT NULL,
+  source TEXT NOT NULL,
+  source_file TEXT,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  deletion_requested_at TEXT,
+  PRIMARY KEY (kind, name)
+) WITHOUT ROWID;
+
+-- ProxyPort admission looks users and source addresses up on every write.
+CREATE INDEX proxyport_user ON resources (json_extract(spec, '$.userId')) WHERE kind = 'ProxyPort';
+CREATE INDEX proxyport_source ON resources (json_extract(spec, '$.sourceIP')) WHERE kind = 'ProxyPort';
+
+CREATE TABLE status (
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  phase TEXT NOT NULL,
+  body TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  PRIMARY KEY (kind, name)
+) WITHOUT ROWID;
+
+CREATE TABLE events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  first_time TEXT NOT NULL,
+  last_time TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  type TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  message TEXT NOT NULL,
+  count INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX events_by_resource ON events (kind, name, id);
+
+CREATE TABLE allocations (
+  pool TEXT NOT NULL,
+  port INTEGER NOT NULL,
+  user_id TEXT NOT NULL,
+  resource_name TEXT,
+  state TEXT NOT NULL CHECK (state IN ('bound', 'cooldown')),
+  bound_at TEXT NOT NULL,
+  released_at TEXT,
+  PRIMARY KEY (pool, port)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX allocations_one_bound_port_per_user ON allocations (user_id) WHERE state = 'bound';
+
+CREATE TABLE snapshots (
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  snapshot TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  PRIMARY KEY (kind, name)
+) WITHOUT ROWID;
+
+CREATE TABLE backoff (
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  failures INTEGER NOT NULL,
+  next_attempt_at INTEGER NOT NULL,
+  last_error TEXT NOT NULL,
+  PRIMARY KEY (kind, name)
+) WITHOUT ROWID;
+
+CREATE TABLE changes (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  kind TEXT NOT NULL,
+  name TEXT NOT NULL,
+  op TEXT NOT NULL,
+  time TEXT NOT NULL
+);
+
+CREATE TABLE leases (
+  name TEXT PRIMARY KEY,
+  holder TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  hostname TEXT NOT NULL,
+  acquired_at TEXT NOT NULL,
+  renewed_at INTEGER NOT NULL
+);
+`,
+  },
+];
+
+export function migrate(db: Database.Database): number {
+  db.exec(`CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)`);
+  const applied = new Set(
+    (db.prepare('SELECT version FROM schema_migrations').all() as Array<{ version: number }>).map((r) => r.version),
+  );
+  const newest = Math.max(0, ...applied);
+  const known = Math.max(...MIGRATIONS.map((m) => m.version));
+  if (newest > known) {
+    throw new Error(
+      `database schema version ${newest} is newer than this build understands (${known}); refusing to touch it`,
+    );
+  }
+  const insert = db.prepare('INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)');
+  for (const m of MIGRATIONS) {
+    if (applied.has(m.version)) continue;
+    db.transaction(() => {
+      db.exec(m.sql);
+      insert.run(m.version, m.name, new Date().toISOString());
+    })();
+  }
+  return known;
+}

@@ -1,0 +1,191 @@
+// Runs a real Debian tinyproxy (1.11.x) for tests: private config, log and pid
+// file in a fresh temp dir, foreground child process (-d), stopped by PID.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+
+export const TINYPROXY_BIN = '/usr/bin/tinyproxy';
+
+export interface TinyproxyOptions {
+  /** Listen port; 0 picks a free one (bind port 0, read it, release it). */
+  port: number;
+  /** Listen address (default 127.0.0.1). */
+  listen?: string;
+  /** Source address for outgoing connections, e.g. 127.0.0.2. */
+  bind?: string;
+  basicAuth?: { username: string; password: string };
+  /** Ports allowed for CONNECT. Omitted/empty: tinyproxy allows CONNECT to every port. */
+  connectPorts?: number[];
+  /** Idle timeout in seconds (tinyproxy `Timeout`, default 30). */
+  idleTimeoutSec?: number;
+  maxClients?: number;
+}
+
+export interface Tinyproxy {
+  port: number;
+  pid: number;
+  /** Path of tinyproxy's LogFile (LogLevel Connect), handy in assertion messages. */
+  logFile: string;
+  readLog(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+const STARTUP_TIMEOUT_MS = 5000;
+const POLL_MS = 50;
+const KILL_GRACE_MS = 2000;
+
+// tinyproxy 1.11 parses `BasicAuth user password` with a [-a-z0-9._] pattern per
+// field (case-insensitive); anything else makes the config line a syntax error.
+const BASIC_AUTH_FIELD = /^[-A-Za-z0-9._]+$/;
+
+/** Children still running, killed synchronously if the test process exits without stop(). */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const c of live) {
+      try {
+        c.kill('SIGKILL');
+      } catch {
+        /* ignore */
+      }
+    }
+  });
+}
+
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, host, () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function canConnect(host: string, port: number): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
+    const s = net.connect({ host, port });
+    const done = (ok: boolean): void => {
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(500, () => done(false));
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function quote(v: string): string {
+  if (/["\r\n]/.test(v)) throw new Error(`tinyproxy config value may not contain quotes or newlines`);
+  return `"${v}"`;
+}
+
+export async function startTinyproxy(opts: TinyproxyOptions): Promise<Tinyproxy> {
+  const listen = opts.listen ?? '127.0.0.1';
+  const port = opts.port === 0 ? await freePort(listen) : opts.port;
+  if (opts.basicAuth) {
+    const { username, password } = opts.basicAuth;
+    if (!BASIC_AUTH_FIELD.test(username) || !BASIC_AUTH_FIELD.test(password)) {
+      throw new Error('tinyproxy BasicAuth username/password may only contain [-A-Za-z0-9._]');
+    }
+  }
+
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'tinyproxy-test-'));
+  const confFile = path.join(dir, 'tinyproxy.conf');
+  const logFile = path.join(dir, 'tinyproxy.log');
+  const pidFile = path.join(dir, 'tinyproxy.pid');
+  const lines = [
+    `Port ${port}`,
+    `Listen ${listen}`,
+    ...(opts.bind ? [`Bind ${opts.bind}`] : []),
+    `Timeout ${opts.idleTimeoutSec ?? 30}`,
+    `MaxClients ${opts.maxClients ?? 32}`,
+    'Allow 127.0.0.0/8',
+    'Syslog Off',
+    `LogFile ${quote(logFile)}`,
+    'LogLevel Connect',
+    `PidFile ${quote(pidFile)}`,
+    'DisableViaHeader Yes',
+    ...(opts.basicAuth ? [`BasicAuth ${opts.basicAuth.username} ${opts.basicAuth.password}`] : []),
+    ...(opts.connectPorts ?? []).map((p) => `ConnectPort ${p}`),
+    '',
+  ];
+  await writeFile(confFile, lines.join('\n'), { mode: 0o600 });
+
+  installExitHook();
+  const child = spawn(TINYPROXY_BIN, ['-d', '-c', confFile], { stdio: ['ignore', 'ignore', 'pipe'] });
+  live.add(child);
+  let stderr = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (d: string) => {
+    if (stderr.length < 8192) stderr += d;
+  });
+  let exited = false;
+  const exitPromise = new Promise<void>((resolve) => {
+    child.once('exit', () => {
+      exited = true;
+      live.delete(child);
+      resolve();
+    });
+    child.once('error', () => {
+      exited = true;
+      live.delete(child);
+      resolve();
+    });
+  });
+
+  const readLog = async (): Promise<string> => readFile(logFile, 'utf8').catch(() => '');
+
+  let stopped = false;
+  const stop = async (): Promise<void> => {
+    if (stopped) return;
+    stopped = true;
+    if (!exited && child.pid !== undefined) {
+      try {
+        process.kill(child.pid, 'SIGTERM');
+      } catch {
+        /* already gone */
+      }
+      const killTimer = setTimeout(() => {
+        if (!exited && child.pid !== undefined) {
+          try {
+            process.kill(child.pid, 'SIGKILL');
+          } catch {
+            /* already gone */
+          }
+        }
+      }, KILL_GRACE_MS);
+      await exitPromise;
+      clearTimeout(killTimer);
+    }
+    await rm(dir, { recursive: true, force: true });
+  };
+
+  const deadline = Date.now() + STARTUP_TIMEOUT_MS;
+  for (;;) {
+    if (exited) {
+      const log = await readLog();
+      await stop();
+      throw new Error(`tinyproxy exited during startup (exit ${child.exitCode ?? child.signalCode}): ${stderr.trim()} ${log.slice(-2000)}`.trim());
+    }
+    if (await canConnect(listen, port)) break;
+    if (Date.now() >= deadline) {
+      const log = await readLog();
+      await stop();
+      throw new Error(`tinyproxy did not accept connections on ${listen}:${port} within ${STARTUP_TIMEOUT_MS} ms: ${stderr.trim()} ${log.slice(-2000)}`.trim());
+    }
+    await sleep(POLL_MS);
+  }
+
+  return { port, pid: child.pid!, logFile, readLog, stop };
+}
