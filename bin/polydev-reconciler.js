@@ -1,14 +1,22 @@
 #!/usr/bin/env node
-// Runs the compiled CLI when present (npm run build, the container image), else the TypeScript
-// sources through tsx (a development checkout).
+// In a development checkout (sources and tsx present) this runs the TypeScript sources, so a
+// stale build can never shadow them; an installed package or the container image, which ship
+// only the compiled build (no tsx), run dist/.
 import { existsSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
-const compiled = fileURLToPath(new URL('../dist/src/main.js', import.meta.url));
-if (existsSync(compiled)) {
-  await import(pathToFileURL(compiled).href);
+const sources = fileURLToPath(new URL('../src/main.ts', import.meta.url));
+let tsx = null;
+if (existsSync(sources)) {
+  try {
+    tsx = await import('tsx/esm/api');
+  } catch {
+    tsx = null;
+  }
+}
+if (tsx) {
+  tsx.register();
+  await import(pathToFileURL(sources).href);
 } else {
-  const { register } = await import('tsx/esm/api');
-  register();
-  await import(new URL('../src/main.ts', import.meta.url).href);
+  await import(new URL('../dist/src/main.js', import.meta.url).href);
 }

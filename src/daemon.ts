@@ -71,7 +71,11 @@ export class Daemon {
     const token = readToken(config.apiTokenFile);
     this.store = new Store(config.database, { eventRetention: config.eventRetention });
     try {
-      this.lease = new Lease(this.store);
+      this.lease = new Lease(this.store, 'daemon', 15_000, () => {
+        // Another process holds the database now: acting on would fight it. Stop, loudly.
+        this.logger.error('lost the database lease to another process; stopping', { database: config.database });
+        void this.stop().finally(() => process.exit(1));
+      });
       this.lease.acquire();
     } catch (err) {
       this.store.close();

@@ -1,6 +1,6 @@
 import type { Store } from '../state/store.js';
 import type { JsonObject, ResourceSource } from '../state/types.js';
-import { formatPath, type DesiredResource, type DesiredStateValidator, type Problem } from './validate.js';
+import { formatPath, type DesiredResource, type DesiredStateValidator, type LoadResult, type Problem } from './validate.js';
 
 /** What a kind checks against the store when a resource is written (like a Kubernetes admission webhook). */
 export interface Admission {
@@ -66,7 +66,17 @@ export function applyPath(
   target: string,
   options: ApplyOptions = {},
 ): ApplyResult {
-  const loaded = validator.loadPath(target);
+  return applyLoaded(store, admissions, validator.loadPath(target), target, options);
+}
+
+/** The write half of applyPath, for documents already loaded and validated. */
+export function applyLoaded(
+  store: Store,
+  admissions: Admission[],
+  loaded: LoadResult,
+  target: string,
+  options: ApplyOptions = {},
+): ApplyResult {
   const result: ApplyResult = {
     ok: false,
     created: [],
@@ -92,8 +102,8 @@ export function applyPath(
   try {
     store.transaction(() => {
       for (const r of ordered) {
-        const existing = store.getResource(r.kind, r.name);
-        if (existing && existing.source !== (options.source ?? 'apply') && existing.source === 'kubernetes') {
+        const existingSource = store.getSource(r.kind, r.name);
+        if (existingSource === 'kubernetes' && options.source !== 'kubernetes') {
           report(r, ['metadata', 'name'], `${r.kind}/${r.name} is owned by the Kubernetes source; change it there`);
           continue;
         }

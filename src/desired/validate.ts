@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { createRequire } from 'node:module';
-import YAML, { isMap, isPair, isScalar, LineCounter, type Document, type Node, type Pair } from 'yaml';
+import YAML, { Composer, isMap, isPair, isScalar, LineCounter, Parser, type Document, type Node, type Pair } from 'yaml';
 import type { JsonObject } from '../state/types.js';
 import { GROUP, VERSION, type KindInfo } from './kinds.js';
 import { CEL_RULES, celRulesIn, checkCelRules } from './cel-rules.js';
@@ -171,29 +171,33 @@ export class DesiredStateValidator {
       add(1, 1, '-', '-', 'file holds no resources (empty)');
       return;
     }
+    // Streamed one document at a time, so a large file never holds every syntax tree at once.
     const lineCounter = new LineCounter();
-    const docs = YAML.parseAllDocuments(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
-    const docList = Array.isArray(docs) ? docs : [docs];
-    if (docList.length > MAX_DOCUMENTS_PER_FILE) {
-      add(1, 1, '-', '-', `file holds ${docList.length} documents, over the limit of ${MAX_DOCUMENTS_PER_FILE}`);
-      return;
-    }
-    for (const doc of docList) {
+    const parser = new Parser(lineCounter.addNewLine);
+    const composer = new Composer({ prettyErrors: false, uniqueKeys: true });
+    let docIndex = 0;
+    for (const doc of composer.compose(parser.parse(text))) {
+      if (docIndex >= MAX_DOCUMENTS_PER_FILE) {
+        add(1, 1, '-', '-', `file holds more than ${MAX_DOCUMENTS_PER_FILE} documents`);
+        return;
+      }
+      const index = docIndex++;
       const docLine = lineCounter.linePos(doc.range[0]);
       if (doc.errors.length > 0) {
         for (const e of doc.errors) {
-          const pos = e.linePos?.[0] ?? docLine;
+          const pos = e.linePos?.[0] ?? lineCounter.linePos(e.pos[0]) ?? docLine;
           add(pos.line, pos.col, '-', '-', `YAML syntax error: ${e.message.split('\n')[0]}`);
         }
         continue;
       }
       if (doc.contents === null) continue; // an empty document between two `---`
-      this.checkDocument(file, doc as Document.Parsed, lineCounter, resources, problems);
+      this.checkDocument(file, index, doc as Document.Parsed, lineCounter, resources, problems);
     }
   }
 
   private checkDocument(
     file: string,
+    docIndex: number,
     doc: Document.Parsed,
     lineCounter: LineCounter,
     resources: DesiredResource[],
@@ -277,7 +281,10 @@ export class DesiredStateValidator {
       spec: spec as JsonObject,
       file,
       line: docPos.line,
-      locate,
+      // Positions of valid documents are needed only when a later check fails; re-parsing then
+      // keeps 10,000 documents' syntax trees from staying in memory for the whole apply.
+      // (Made outside this function: a closure here would share its scope, and so keep `doc`.)
+      locate: lazyLocator(file, docIndex),
     });
   }
 
@@ -350,6 +357,27 @@ export function formatPath(p: Array<string | number>): string {
     else out += out === '' ? part : `.${part}`;
   }
   return out;
+}
+
+function lazyLocator(file: string, docIndex: number): DesiredResource['locate'] {
+  return (fieldPath) => locateLater(file, docIndex, fieldPath);
+}
+
+let reparsed: { file: string; docs: Document.Parsed[]; lc: LineCounter } | undefined;
+
+function locateLater(file: string, docIndex: number, fieldPath: Array<string | number>): { line: number; col: number } {
+  if (reparsed?.file !== file) {
+    const lc = new LineCounter();
+    let text = '';
+    try {
+      text = fs.readFileSync(file, 'utf8');
+    } catch {
+      return { line: 0, col: 0 };
+    }
+    reparsed = { file, docs: YAML.parseAllDocuments(text, { lineCounter: lc }) as Document.Parsed[], lc };
+  }
+  const doc = reparsed.docs[docIndex];
+  return doc ? locateNode(doc, reparsed.lc, fieldPath) : { line: 0, col: 0 };
 }
 
 /** Position of the deepest existing node on the path (a missing field points at its parent). */

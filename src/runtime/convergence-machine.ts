@@ -15,8 +15,10 @@ export interface ConvergenceContext {
   failures: number;
   lastError: string | null;
   plan: string[];
-  /** The last settled state was Ready (so a non-empty plan now is drift). */
+  /** The last settled state was Ready or Drifted (so a non-empty plan now is drift, not a failure to converge). */
   wasReady: boolean;
+  /** The last settled state was Drifted: the drift is already known and counted. */
+  wasDrifted: boolean;
   /** Set during a run in which drift was found (from Ready to a non-empty plan). */
   driftDetected: boolean;
   driftPolicy: DriftPolicy;
@@ -63,7 +65,9 @@ export const convergenceMachine = setup({
       driftPolicy: event.type === 'RECONCILE' ? event.driftPolicy : 'correct',
     })),
     recordPlan: assign({ plan: ({ event }) => output(event).plan }),
-    markDrift: assign({ driftDetected: ({ context, event }) => context.wasReady && !output(event).desiredChanged }),
+    markDrift: assign({
+      driftDetected: ({ context, event }) => context.wasReady && !context.wasDrifted && !output(event).desiredChanged,
+    }),
     recordError: assign({
       lastError: ({ event }) => {
         const err = (event as unknown as { error: unknown }).error;
@@ -85,6 +89,7 @@ export const convergenceMachine = setup({
     lastError: null,
     plan: [],
     wasReady: false,
+    wasDrifted: false,
     driftDetected: false,
     driftPolicy: 'correct',
     degradedAfter: input?.degradedAfter ?? 5,
@@ -135,15 +140,15 @@ export const convergenceMachine = setup({
       },
     },
     Failing: {
-      entry: assign({ failures: ({ context }) => context.failures + 1, wasReady: false }),
+      entry: assign({ failures: ({ context }) => context.failures + 1, wasReady: false, wasDrifted: false }),
       always: [{ guard: 'tooManyFailures', target: 'Degraded' }, { target: 'Backoff' }],
     },
     Ready: {
-      entry: assign({ failures: 0, lastError: null, wasReady: true }),
+      entry: assign({ failures: 0, lastError: null, wasReady: true, wasDrifted: false }),
       on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } },
     },
     Drifted: {
-      entry: assign({ wasReady: true }),
+      entry: assign({ wasReady: true, wasDrifted: true }),
       on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } },
     },
     Backoff: { on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } } },

@@ -74,7 +74,12 @@ export class Manager {
   private readonly initialKeys = new Set<string>();
   private initialSyncDone = false;
   private readonly inFlight = new Map<string, AbortController>();
-  private readonly onChange = (c: Change) => this.handleChange(c);
+  /** Seqs of in-process changes already handled, so the change-feed poll does not handle them again. */
+  private readonly handledSeqs = new Set<number>();
+  private readonly onChange = (c: Change) => {
+    if (c.seq > this.lastSeq) this.handledSeqs.add(c.seq);
+    this.handleChange(c);
+  };
   private stopped = false;
 
   constructor(private readonly opts: ManagerOptions) {
@@ -160,6 +165,7 @@ export class Manager {
       const changes = this.opts.store.changesSince(this.lastSeq);
       for (const c of changes) {
         this.lastSeq = c.seq;
+        if (this.handledSeqs.delete(c.seq)) continue;
         this.handleChange(c);
       }
     } catch (err) {
@@ -274,7 +280,8 @@ export class Manager {
     const machine = convergenceMachine.provide({
       actors: {
         observe: fromObserve(async () => {
-          desired = c.desired(resource);
+          // Once per run: Verifying compares against what was executed, not a newer write.
+          if (desired === undefined) desired = c.desired(resource);
           fingerprint = c.fingerprint?.(desired) ?? `generation:${resource.metadata.generation}`;
           observed = await c.observe(desired);
           actions = c.plan(desired, observed);

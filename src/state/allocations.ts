@@ -48,14 +48,14 @@ function toAllocation(r: AllocationRow): Allocation {
 export function listAllocations(store: Store, pool?: string): Allocation[] {
   const rows = (
     pool
-      ? store.db.prepare('SELECT * FROM allocations WHERE pool = ? ORDER BY port').all(pool)
-      : store.db.prepare('SELECT * FROM allocations ORDER BY pool, port').all()
+      ? store.stmt('SELECT * FROM allocations WHERE pool = ? ORDER BY port').all(pool)
+      : store.stmt('SELECT * FROM allocations ORDER BY pool, port').all()
   ) as AllocationRow[];
   return rows.map(toAllocation);
 }
 
 export function boundAllocationOf(store: Store, userId: string): Allocation | undefined {
-  const row = store.db.prepare(`SELECT * FROM allocations WHERE user_id = ? AND state = 'bound'`).get(userId) as
+  const row = store.stmt(`SELECT * FROM allocations WHERE user_id = ? AND state = 'bound'`).get(userId) as
     | AllocationRow
     | undefined;
   return row ? toAllocation(row) : undefined;
@@ -82,11 +82,12 @@ export class PortAllocator {
     private readonly now: Date = new Date(),
   ) {
     this.cursor = range.min;
-    const rows = store.db.prepare('SELECT * FROM allocations WHERE pool = ?').all(pool) as AllocationRow[];
+    const rows = store.stmt('SELECT * FROM allocations WHERE pool = ?').all(pool) as AllocationRow[];
     for (const row of rows) {
+      if (row.state === 'cooldown') this.cooldownByUser.set(row.user_id, row);
+      // A cooled-down port is free for anyone, but its last user still gets it back first.
       if (row.state === 'cooldown' && this.cooledDown(row)) continue;
       this.taken.set(row.port, row);
-      if (row.state === 'cooldown') this.cooldownByUser.set(row.user_id, row);
     }
   }
 
@@ -110,8 +111,7 @@ export class PortAllocator {
         );
       }
       if (bound.resourceName !== resourceName) {
-        this.store.db
-          .prepare('UPDATE allocations SET resource_name = ? WHERE pool = ? AND port = ?')
+        this.store.stmt('UPDATE allocations SET resource_name = ? WHERE pool = ? AND port = ?')
           .run(resourceName, this.pool, bound.port);
       }
       return { port: bound.port, created: false };
@@ -121,10 +121,11 @@ export class PortAllocator {
       this.checkRequested(userId, requestedPort);
       port = requestedPort;
     } else {
-      port = this.cooldownByUser.get(userId)?.port ?? this.nextFree(userId);
+      const previous = this.cooldownByUser.get(userId);
+      const holder = previous ? this.taken.get(previous.port) : undefined;
+      port = previous && (!holder || holder.user_id === userId) ? previous.port : this.nextFree(userId);
     }
-    this.store.db
-      .prepare(
+    this.store.stmt(
         `INSERT INTO allocations (pool, port, user_id, resource_name, state, bound_at, released_at)
          VALUES (?, ?, ?, ?, 'bound', ?, NULL)
          ON CONFLICT (pool, port) DO UPDATE SET user_id = excluded.user_id, resource_name = excluded.resource_name,
@@ -178,12 +179,15 @@ export class PortAllocator {
   }
 }
 
-/** Moves a user's bound port into cooldown; returns the released port. */
-export function releasePort(store: Store, userId: string, now = new Date()): number | undefined {
+/**
+ * Moves a user's bound port into cooldown; returns the released port. With resourceName, only
+ * a binding held by that ProxyPort is released (a newer ProxyPort of the same user keeps its port).
+ */
+export function releasePort(store: Store, userId: string, resourceName?: string, now = new Date()): number | undefined {
   const bound = boundAllocationOf(store, userId);
   if (!bound) return undefined;
-  store.db
-    .prepare(
+  if (resourceName !== undefined && bound.resourceName !== null && bound.resourceName !== resourceName) return undefined;
+  store.stmt(
       `UPDATE allocations SET state = 'cooldown', released_at = ?, resource_name = NULL WHERE pool = ? AND port = ?`,
     )
     .run(now.toISOString(), bound.pool, bound.port);

@@ -46,12 +46,14 @@ export class Lease {
     private readonly store: Store,
     readonly name = 'daemon',
     readonly ttlMs = 15_000,
+    /** Called once if another process took the lease over (this one must stop acting). */
+    private readonly onLost?: () => void,
   ) {}
 
   acquire(): void {
     const hostname = os.hostname();
     this.store.transaction(() => {
-      const row = this.store.db.prepare('SELECT * FROM leases WHERE name = ?').get(this.name) as LeaseRow | undefined;
+      const row = this.store.stmt('SELECT * FROM leases WHERE name = ?').get(this.name) as LeaseRow | undefined;
       if (row && row.holder !== this.holder) {
         const expired = row.renewed_at + this.ttlMs <= Date.now();
         const deadHere = row.hostname === hostname && !processAlive(row.pid);
@@ -62,8 +64,7 @@ export class Lease {
           );
         }
       }
-      this.store.db
-        .prepare(
+      this.store.stmt(
           `INSERT INTO leases (name, holder, pid, hostname, acquired_at, renewed_at) VALUES (?, ?, ?, ?, ?, ?)
            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, pid = excluded.pid,
              hostname = excluded.hostname, acquired_at = excluded.acquired_at, renewed_at = excluded.renewed_at`,
@@ -74,17 +75,23 @@ export class Lease {
     this.timer.unref();
   }
 
-  renew(): void {
-    if (!this.store.db.open) return;
-    this.store.db
-      .prepare('UPDATE leases SET renewed_at = ? WHERE name = ? AND holder = ?')
-      .run(Date.now(), this.name, this.holder);
+  /** Returns false (and calls onLost once) when the lease is no longer ours. */
+  renew(): boolean {
+    if (!this.store.db.open) return false;
+    const info = this.store.stmt('UPDATE leases SET renewed_at = ? WHERE name = ? AND holder = ?').run(Date.now(), this.name, this.holder);
+    if (info.changes === 0) {
+      if (this.timer) clearInterval(this.timer);
+      this.timer = undefined;
+      this.onLost?.();
+      return false;
+    }
+    return true;
   }
 
   release(): void {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
     if (!this.store.db.open) return;
-    this.store.db.prepare('DELETE FROM leases WHERE name = ? AND holder = ?').run(this.name, this.holder);
+    this.store.stmt('DELETE FROM leases WHERE name = ? AND holder = ?').run(this.name, this.holder);
   }
 }

@@ -26,7 +26,8 @@ export interface StoreOptions {
 }
 
 export interface UpsertResult {
-  resource: StoredResource;
+  /** Read back on first access only (a bulk apply never needs it). */
+  readonly resource: StoredResource;
   created: boolean;
   specChanged: boolean;
   metaChanged: boolean;
@@ -98,7 +99,20 @@ export class Store extends EventEmitter {
   }
 
   close(): void {
+    this.statements.clear();
     if (this.db.open) this.db.close();
+  }
+
+  private readonly statements = new Map<string, Database.Statement>();
+
+  /** A prepared statement, prepared once per SQL text (preparing is most of a small query's cost). */
+  stmt(sql: string): Database.Statement {
+    let st = this.statements.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.statements.set(sql, st);
+    }
+    return st;
   }
 
   /** Runs fn in one transaction (nesting is a savepoint); change listeners fire after the outermost commit. */
@@ -124,13 +138,12 @@ export class Store extends EventEmitter {
   }
 
   private recordChange(kind: string, name: string, op: Change['op']): number {
-    const info = this.db
-      .prepare('INSERT INTO changes (kind, name, op, time) VALUES (?, ?, ?, ?)')
+    const info = this.stmt('INSERT INTO changes (kind, name, op, time) VALUES (?, ?, ?, ?)')
       .run(kind, name, op, new Date().toISOString());
     const seq = Number(info.lastInsertRowid);
     this.pending.push({ seq, kind, name, op });
     if (seq % 500 === 0) {
-      this.db.prepare('DELETE FROM changes WHERE seq <= ?').run(seq - this.changeRetention);
+      this.stmt('DELETE FROM changes WHERE seq <= ?').run(seq - this.changeRetention);
     }
     return seq;
   }
@@ -138,8 +151,7 @@ export class Store extends EventEmitter {
   // ---- resources -------------------------------------------------------
 
   getResource<Spec = JsonObject>(kind: string, name: string): StoredResource<Spec> | undefined {
-    const row = this.db
-      .prepare(
+    const row = this.stmt(
         `SELECT r.*, s.body AS status_body FROM resources r
          LEFT JOIN status s ON s.kind = r.kind AND s.name = r.name
          WHERE r.kind = ? AND r.name = ?`,
@@ -152,19 +164,19 @@ export class Store extends EventEmitter {
     const sql = `SELECT r.*, s.body AS status_body FROM resources r
       LEFT JOIN status s ON s.kind = r.kind AND s.name = r.name
       ${kind ? 'WHERE r.kind = ?' : ''} ORDER BY r.kind, r.name`;
-    const rows = (kind ? this.db.prepare(sql).all(kind) : this.db.prepare(sql).all()) as ResourceRow[];
+    const rows = (kind ? this.stmt(sql).all(kind) : this.stmt(sql).all()) as ResourceRow[];
     return rows.map((r) => toResource(r) as StoredResource<Spec>);
   }
 
   listKeys(): Array<{ kind: string; name: string }> {
-    return this.db.prepare('SELECT kind, name FROM resources ORDER BY kind, name').all() as Array<{
+    return this.stmt('SELECT kind, name FROM resources ORDER BY kind, name').all() as Array<{
       kind: string;
       name: string;
     }>;
   }
 
   countResources(kind: string): number {
-    return (this.db.prepare('SELECT count(*) AS n FROM resources WHERE kind = ?').get(kind) as { n: number }).n;
+    return (this.stmt('SELECT count(*) AS n FROM resources WHERE kind = ?').get(kind) as { n: number }).n;
   }
 
   /**
@@ -174,22 +186,20 @@ export class Store extends EventEmitter {
   upsertResource(input: ResourceInput): UpsertResult {
     return this.transaction(() => {
       const now = new Date().toISOString();
-      const existing = this.db
-        .prepare('SELECT * FROM resources WHERE kind = ? AND name = ?')
+      const existing = this.stmt('SELECT * FROM resources WHERE kind = ? AND name = ?')
         .get(input.kind, input.name) as ResourceRow | undefined;
       const spec = canonicalJson(input.spec);
       const labels = canonicalJson(input.labels ?? {});
       const annotations = canonicalJson(input.annotations ?? {});
       if (!existing) {
         const rv = this.recordChange(input.kind, input.name, 'upsert');
-        this.db
-          .prepare(
+        this.stmt(
             `INSERT INTO resources (kind, name, uid, generation, resource_version, labels, annotations, spec,
              source, source_file, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)`,
           )
           .run(input.kind, input.name, randomUUID(), rv, labels, annotations, spec, input.source,
             input.sourceFile ?? null, now, now);
-        return { resource: this.getResource(input.kind, input.name)!, created: true, specChanged: true, metaChanged: true };
+        return this.result(input, true, true, true);
       }
       const specChanged = existing.spec !== spec;
       const metaChanged =
@@ -199,32 +209,51 @@ export class Store extends EventEmitter {
         (existing.source_file ?? null) !== (input.sourceFile ?? null) ||
         existing.deletion_requested_at !== null;
       if (!specChanged && !metaChanged) {
-        return { resource: this.getResource(input.kind, input.name)!, created: false, specChanged, metaChanged };
+        return this.result(input, false, specChanged, metaChanged);
       }
       const rv = this.recordChange(input.kind, input.name, 'upsert');
-      this.db
-        .prepare(
+      this.stmt(
           `UPDATE resources SET generation = generation + ?, resource_version = ?, labels = ?, annotations = ?,
            spec = ?, source = ?, source_file = ?, updated_at = ?, deletion_requested_at = NULL
            WHERE kind = ? AND name = ?`,
         )
         .run(specChanged ? 1 : 0, rv, labels, annotations, spec, input.source, input.sourceFile ?? null, now,
           input.kind, input.name);
-      return { resource: this.getResource(input.kind, input.name)!, created: false, specChanged, metaChanged };
+      return this.result(input, false, specChanged, metaChanged);
     });
+  }
+
+  private result(input: ResourceInput, created: boolean, specChanged: boolean, metaChanged: boolean): UpsertResult {
+    const store = this;
+    let cached: StoredResource | undefined;
+    return {
+      created,
+      specChanged,
+      metaChanged,
+      get resource() {
+        return (cached ??= store.getResource(input.kind, input.name)!);
+      },
+    };
+  }
+
+  /** Who wrote a resource, without reading the whole row. */
+  getSource(kind: string, name: string): ResourceSource | undefined {
+    const row = this.stmt('SELECT source FROM resources WHERE kind = ? AND name = ?').get(kind, name) as
+      | { source: ResourceSource }
+      | undefined;
+    return row?.source;
   }
 
   /** Marks a resource for deletion; its controller tears down what it owns, then calls removeResource (a finalizer). */
   requestDeletion(kind: string, name: string): boolean {
     return this.transaction(() => {
-      const info = this.db
-        .prepare(
+      const info = this.stmt(
           `UPDATE resources SET deletion_requested_at = ? WHERE kind = ? AND name = ? AND deletion_requested_at IS NULL`,
         )
         .run(new Date().toISOString(), kind, name);
       if (info.changes > 0) {
         const rv = this.recordChange(kind, name, 'delete-requested');
-        this.db.prepare('UPDATE resources SET resource_version = ? WHERE kind = ? AND name = ?').run(rv, kind, name);
+        this.stmt('UPDATE resources SET resource_version = ? WHERE kind = ? AND name = ?').run(rv, kind, name);
       }
       return info.changes > 0 || this.getResource(kind, name) !== undefined;
     });
@@ -233,10 +262,10 @@ export class Store extends EventEmitter {
   /** Removes the resource and everything stored about it except its events (they age out). */
   removeResource(kind: string, name: string): boolean {
     return this.transaction(() => {
-      const info = this.db.prepare('DELETE FROM resources WHERE kind = ? AND name = ?').run(kind, name);
-      this.db.prepare('DELETE FROM status WHERE kind = ? AND name = ?').run(kind, name);
-      this.db.prepare('DELETE FROM snapshots WHERE kind = ? AND name = ?').run(kind, name);
-      this.db.prepare('DELETE FROM backoff WHERE kind = ? AND name = ?').run(kind, name);
+      const info = this.stmt('DELETE FROM resources WHERE kind = ? AND name = ?').run(kind, name);
+      this.stmt('DELETE FROM status WHERE kind = ? AND name = ?').run(kind, name);
+      this.stmt('DELETE FROM snapshots WHERE kind = ? AND name = ?').run(kind, name);
+      this.stmt('DELETE FROM backoff WHERE kind = ? AND name = ?').run(kind, name);
       if (info.changes > 0) this.recordChange(kind, name, 'deleted');
       return info.changes > 0;
     });
@@ -245,7 +274,7 @@ export class Store extends EventEmitter {
   // ---- status ------------------------------------------------------------
 
   getStatus(kind: string, name: string): ResourceStatus | undefined {
-    const row = this.db.prepare('SELECT body FROM status WHERE kind = ? AND name = ?').get(kind, name) as
+    const row = this.stmt('SELECT body FROM status WHERE kind = ? AND name = ?').get(kind, name) as
       | { body: string }
       | undefined;
     return row ? (JSON.parse(row.body) as ResourceStatus) : undefined;
@@ -254,8 +283,7 @@ export class Store extends EventEmitter {
   /** Writes status only when it differs (ignoring nothing): returns whether it changed. */
   setStatus(kind: string, name: string, status: ResourceStatus): boolean {
     const body = JSON.stringify(status);
-    const info = this.db
-      .prepare(
+    const info = this.stmt(
         `INSERT INTO status (kind, name, phase, body, updated_at) VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (kind, name) DO UPDATE SET phase = excluded.phase, body = excluded.body,
            updated_at = excluded.updated_at WHERE status.body != excluded.body`,
@@ -265,8 +293,7 @@ export class Store extends EventEmitter {
   }
 
   phaseCounts(): Array<{ kind: string; phase: string; n: number }> {
-    return this.db
-      .prepare(
+    return this.stmt(
         `SELECT r.kind AS kind, coalesce(s.phase, 'Pending') AS phase, count(*) AS n FROM resources r
          LEFT JOIN status s ON s.kind = r.kind AND s.name = r.name GROUP BY 1, 2`,
       )
@@ -279,20 +306,18 @@ export class Store extends EventEmitter {
   recordEvent(e: EventInput): void {
     const now = new Date().toISOString();
     this.transaction(() => {
-      const last = this.db
-        .prepare('SELECT id, type, reason, message FROM events WHERE kind = ? AND name = ? ORDER BY id DESC LIMIT 1')
+      const last = this.stmt('SELECT id, type, reason, message FROM events WHERE kind = ? AND name = ? ORDER BY id DESC LIMIT 1')
         .get(e.kind, e.name) as Pick<EventRow, 'id' | 'type' | 'reason' | 'message'> | undefined;
       if (last && last.type === e.type && last.reason === e.reason && last.message === e.message) {
-        this.db.prepare('UPDATE events SET count = count + 1, last_time = ? WHERE id = ?').run(now, last.id);
+        this.stmt('UPDATE events SET count = count + 1, last_time = ? WHERE id = ?').run(now, last.id);
         return;
       }
-      const info = this.db
-        .prepare(
+      const info = this.stmt(
           `INSERT INTO events (first_time, last_time, kind, name, type, reason, message) VALUES (?, ?, ?, ?, ?, ?, ?)`,
         )
         .run(now, now, e.kind, e.name, e.type, e.reason, e.message);
       if (++this.eventInserts % 100 === 0) {
-        this.db.prepare('DELETE FROM events WHERE id <= ?').run(Number(info.lastInsertRowid) - this.eventRetention);
+        this.stmt('DELETE FROM events WHERE id <= ?').run(Number(info.lastInsertRowid) - this.eventRetention);
       }
     });
     this.emit('event', e);
@@ -310,8 +335,7 @@ export class Store extends EventEmitter {
       args.push(filter.name);
     }
     args.push(filter.limit ?? 100);
-    const rows = this.db
-      .prepare(
+    const rows = this.stmt(
         `SELECT * FROM (SELECT * FROM events ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
          ORDER BY id DESC LIMIT ?) ORDER BY id`,
       )
@@ -332,15 +356,14 @@ export class Store extends EventEmitter {
   // ---- snapshots and backoff ----------------------------------------------
 
   getSnapshot(kind: string, name: string): unknown {
-    const row = this.db.prepare('SELECT snapshot FROM snapshots WHERE kind = ? AND name = ?').get(kind, name) as
+    const row = this.stmt('SELECT snapshot FROM snapshots WHERE kind = ? AND name = ?').get(kind, name) as
       | { snapshot: string }
       | undefined;
     return row ? JSON.parse(row.snapshot) : undefined;
   }
 
   setSnapshot(kind: string, name: string, snapshot: unknown): void {
-    this.db
-      .prepare(
+    this.stmt(
         `INSERT INTO snapshots (kind, name, snapshot, updated_at) VALUES (?, ?, ?, ?)
          ON CONFLICT (kind, name) DO UPDATE SET snapshot = excluded.snapshot, updated_at = excluded.updated_at`,
       )
@@ -348,15 +371,14 @@ export class Store extends EventEmitter {
   }
 
   getBackoff(kind: string, name: string): { failures: number; nextAttemptAt: number; lastError: string } | undefined {
-    const row = this.db
-      .prepare('SELECT failures, next_attempt_at, last_error FROM backoff WHERE kind = ? AND name = ?')
+    const row = this.stmt('SELECT failures, next_attempt_at, last_error FROM backoff WHERE kind = ? AND name = ?')
       .get(kind, name) as { failures: number; next_attempt_at: number; last_error: string } | undefined;
     return row ? { failures: row.failures, nextAttemptAt: row.next_attempt_at, lastError: row.last_error } : undefined;
   }
 
   listBackoff(): Array<{ kind: string; name: string; failures: number; nextAttemptAt: number }> {
     return (
-      this.db.prepare('SELECT kind, name, failures, next_attempt_at FROM backoff').all() as Array<{
+      this.stmt('SELECT kind, name, failures, next_attempt_at FROM backoff').all() as Array<{
         kind: string;
         name: string;
         failures: number;
@@ -366,8 +388,7 @@ export class Store extends EventEmitter {
   }
 
   setBackoff(kind: string, name: string, failures: number, nextAttemptAt: number, lastError: string): void {
-    this.db
-      .prepare(
+    this.stmt(
         `INSERT INTO backoff (kind, name, failures, next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (kind, name) DO UPDATE SET failures = excluded.failures,
            next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error`,
@@ -376,18 +397,17 @@ export class Store extends EventEmitter {
   }
 
   clearBackoff(kind: string, name: string): void {
-    this.db.prepare('DELETE FROM backoff WHERE kind = ? AND name = ?').run(kind, name);
+    this.stmt('DELETE FROM backoff WHERE kind = ? AND name = ?').run(kind, name);
   }
 
   // ---- change feed (for other processes: the CLI writes, the daemon follows) --
 
   latestChangeSeq(): number {
-    return (this.db.prepare('SELECT coalesce(max(seq), 0) AS s FROM changes').get() as { s: number }).s;
+    return (this.stmt('SELECT coalesce(max(seq), 0) AS s FROM changes').get() as { s: number }).s;
   }
 
   changesSince(seq: number, limit = 10_000): Change[] {
-    return this.db
-      .prepare('SELECT seq, kind, name, op FROM changes WHERE seq > ? ORDER BY seq LIMIT ?')
+    return this.stmt('SELECT seq, kind, name, op FROM changes WHERE seq > ? ORDER BY seq LIMIT ?')
       .all(seq, limit) as Change[];
   }
 }

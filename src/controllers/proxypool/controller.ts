@@ -4,7 +4,7 @@ import { resolveIPv4 } from '../../drivers/dns.js';
 import type { Metrics } from '../../observability/metrics.js';
 import type { DriftPolicy } from '../../runtime/convergence-machine.js';
 import type { ControllerContext, ConvergingController, SettledRun } from '../../runtime/controller.js';
-import { listAllocations, releasePort } from '../../state/allocations.js';
+import { releasePort } from '../../state/allocations.js';
 import type { Store } from '../../state/store.js';
 import { setCondition, type ResourceStatus, type StoredResource } from '../../state/types.js';
 import { parseDuration } from '../../util/duration.js';
@@ -27,6 +27,8 @@ import type { ProxyPoolSpec, ProxyPortHealth, ProxyPortSpec } from './types.js';
 
 export interface PortDesired {
   name: string;
+  uid: string;
+  generation: number;
   userId: string;
   sourceIP: string;
   /** The allocated port, or null when none is bound (should not happen: admission allocates). */
@@ -69,32 +71,45 @@ export function planPool(desired: PoolDesired, observed: PoolObserved): RuleActi
   return planPoolRules(ruleSetOf(desired, observed.upstreamIP), observed.rules);
 }
 
-/** Reads a pool and its ports (with their allocated ports) from the store. */
+/** Reads a pool and its ports (with their allocated ports) from the store, in one query. */
 export function loadPoolDesired(store: Store, pool: StoredResource): PoolDesired {
   const spec = pool.spec as unknown as ProxyPoolSpec;
-  const allocated = new Map(
-    listAllocations(store, pool.metadata.name)
-      .filter((a) => a.state === 'bound')
-      .map((a) => [a.userId, a.port]),
-  );
-  const ports: PortDesired[] = [];
-  for (const r of store.listResources<ProxyPortSpec>('ProxyPort')) {
-    if (poolOf(r.spec) !== pool.metadata.name) continue;
-    const port = allocated.get(r.spec.userId) ?? null;
+  const rows = store
+    .stmt(
+      `SELECT r.name AS name, r.uid AS uid, r.generation AS generation,
+              json_extract(r.spec, '$.userId') AS userId, json_extract(r.spec, '$.sourceIP') AS sourceIP,
+              r.deletion_requested_at AS deleting, a.port AS port
+       FROM resources r
+       LEFT JOIN allocations a ON a.user_id = json_extract(r.spec, '$.userId') AND a.state = 'bound' AND a.pool = @pool
+       WHERE r.kind = 'ProxyPort' AND coalesce(json_extract(r.spec, '$.pool'), 'default') = @pool
+       ORDER BY r.name`,
+    )
+    .all({ pool: pool.metadata.name }) as Array<{
+    name: string;
+    uid: string;
+    generation: number;
+    userId: string;
+    sourceIP: string;
+    deleting: string | null;
+    port: number | null;
+  }>;
+  const ports: PortDesired[] = rows.map((r) => {
     let problem: string | null = null;
-    if (port === null) problem = 'no port is allocated to this user';
-    else if (port < spec.portRange.min || port > spec.portRange.max) {
-      problem = `port ${port} is outside the pool's range ${spec.portRange.min}-${spec.portRange.max}`;
+    if (r.port === null) problem = 'no port is allocated to this user';
+    else if (r.port < spec.portRange.min || r.port > spec.portRange.max) {
+      problem = `port ${r.port} is outside the pool's range ${spec.portRange.min}-${spec.portRange.max}`;
     }
-    ports.push({
-      name: r.metadata.name,
-      userId: r.spec.userId,
-      sourceIP: r.spec.sourceIP,
-      port,
-      deleting: r.metadata.deletionTimestamp !== undefined,
+    return {
+      name: r.name,
+      uid: r.uid,
+      generation: r.generation,
+      userId: r.userId,
+      sourceIP: r.sourceIP,
+      port: r.port,
+      deleting: r.deleting !== null,
       problem,
-    });
-  }
+    };
+  });
   return { name: pool.metadata.name, spec, ports };
 }
 
@@ -108,6 +123,10 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   readonly kind = 'ProxyPool';
   readonly watches;
   private readonly resolved = new Map<string, { host: string; ip: string; at: number }>();
+  /** What this process last wrote to each ProxyPort's status (its summary), to skip unchanged writes. */
+  private readonly written = new Map<string, string>();
+  private readonly programmedCache = new WeakMap<PoolObserved, Set<string>>();
+  private readonly desiredCache = new Map<string, { seq: number; uid: string; desired: PoolDesired }>();
   private ctx: ControllerContext | undefined;
 
   constructor(
@@ -131,7 +150,14 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   }
 
   desired(resource: StoredResource): PoolDesired {
-    return loadPoolDesired(this.store, resource);
+    // Every write to resources or allocations moves the change feed, so an unchanged feed
+    // means an unchanged desired state: a no-op resync of 10,000 ports skips the query.
+    const seq = this.store.latestChangeSeq();
+    const cached = this.desiredCache.get(resource.metadata.name);
+    if (cached && cached.seq === seq && cached.uid === resource.metadata.uid) return cached.desired;
+    const desired = loadPoolDesired(this.store, resource);
+    this.desiredCache.set(resource.metadata.name, { seq, uid: resource.metadata.uid, desired });
+    return desired;
   }
 
   driftPolicy(resource: StoredResource): DriftPolicy {
@@ -212,11 +238,26 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     const left = planPoolTeardown(spec.chains, after);
     if (left.length > 0) throw new Error(`teardown incomplete: ${left.map(describeAction).join('; ')}`);
     this.resolved.delete(resource.metadata.name);
+    this.written.clear();
+  }
+
+  /**
+   * Users whose rule is in place after the run. A converged last observation (empty plan) means
+   * every desired rule is there; otherwise (a failure, or drift left alone under warn/ignore)
+   * it is read off the observed rules.
+   */
+  private programmed(run: SettledRun<PoolDesired, PoolObserved>): Set<string> {
+    if (!run.desired || !run.observed) return new Set();
+    const cached = this.programmedCache.get(run.observed);
+    if (cached) return cached;
+    const set = ruleSetOf(run.desired, run.observed.upstreamIP);
+    const out = run.plan.length === 0 ? new Set(set.ports.map((p) => p.userId)) : programmedUsers(set, run.observed.rules);
+    this.programmedCache.set(run.observed, out);
+    return out;
   }
 
   statusFields(run: SettledRun<PoolDesired, PoolObserved>): Record<string, unknown> {
     if (!run.desired || !run.observed) return {};
-    const programmed = programmedUsers(ruleSetOf(run.desired, run.observed.upstreamIP), run.observed.rules);
     const durationMs = +(performance.now() - run.observed.syncStartedAt).toFixed(1);
     this.metrics.iptablesSyncDuration.observe(durationMs / 1000);
     const prev = run.resource.status?.ports as { healthy?: number; unhealthy?: number } | undefined;
@@ -225,7 +266,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
       lastResolvedAt: run.observed.resolvedAt,
       ports: {
         total: run.desired.ports.filter((p) => !p.deleting).length,
-        programmed: run.state === 'Ready' ? ruleSetOf(run.desired, run.observed.upstreamIP).ports.length : programmed.size,
+        programmed: this.programmed(run).size,
         healthy: prev?.healthy ?? 0,
         unhealthy: prev?.unhealthy ?? 0,
       },
@@ -235,60 +276,63 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     };
   }
 
-  /** Port statuses and finalizers, in the pool's status transaction. */
+  /**
+   * Port statuses and finalizers, in the pool's status transaction. Only ports whose status
+   * changes are written: a no-op resync of 10,000 ports writes nothing.
+   */
   commit(run: SettledRun<PoolDesired, PoolObserved>): void {
-    if (run.state === 'Deleted') return;
+    if (run.state === 'Deleted') {
+      this.written.clear();
+      return;
+    }
     const desired = run.desired ?? loadPoolDesired(this.store, run.resource);
-    const converged = run.state === 'Ready';
-    const programmed = run.observed
-      ? converged
-        ? new Set(ruleSetOf(desired, run.observed.upstreamIP).ports.map((p) => p.userId))
-        : programmedUsers(ruleSetOf(desired, run.observed.upstreamIP), run.observed.rules)
-      : new Set<string>();
+    const programmed = this.programmed(run);
     const now = new Date().toISOString();
-    const previous = new Map(
-      this.store.listResources<ProxyPortSpec>('ProxyPort').map((r) => [r.metadata.name, r]),
-    );
-    let ready = 0;
-    let failed = 0;
-    let pending = 0;
     for (const p of desired.ports) {
-      const res = previous.get(p.name);
-      if (!res) continue;
       if (p.deleting) {
-        if (converged && run.observed) {
-          // Finalizer: the rule is gone (the pool converged without it), so the port may go.
-          releasePort(this.store, p.userId);
+        if (run.observed && run.plan.length === 0) {
+          // Finalizer: the pool converged without this user's rule, so the port may go.
+          releasePort(this.store, p.userId, p.name);
           this.store.removeResource('ProxyPort', p.name);
+          this.written.delete(p.name);
         }
         continue;
       }
       const rulePresent = programmed.has(p.userId);
       const phase = p.problem ? 'Failed' : rulePresent ? 'Ready' : run.state === 'Drifted' ? 'Drifted' : 'Pending';
-      if (phase === 'Ready') ready++;
-      else if (phase === 'Failed') failed++;
-      else pending++;
-      const conditions = setCondition(res.status?.conditions ?? [], {
+      const reason = p.problem ? 'PortInvalid' : rulePresent ? 'RuleProgrammed' : run.state === 'Drifted' ? 'DriftNotCorrected' : `Pool${run.state}`;
+      const message =
+        p.problem ??
+        (rulePresent ? `DNAT to ${run.observed?.upstreamIP}:${p.port} is in place` : (run.lastError ?? `ProxyPool ${desired.name} is ${run.state}`));
+      const summary = `${p.uid}|${p.generation}|${phase}|${reason}|${message}|${p.port}|${desired.name}`;
+      if (this.written.get(p.name) === summary) continue;
+      const current = this.store.getStatus('ProxyPort', p.name);
+      const conditions = setCondition(current?.conditions ?? [], {
         type: 'Ready',
         status: phase === 'Ready' ? 'True' : 'False',
-        reason: p.problem ? 'PortInvalid' : rulePresent ? 'RuleProgrammed' : run.state === 'Drifted' ? 'DriftNotCorrected' : `Pool${run.state}`,
-        message: p.problem ?? (rulePresent ? `DNAT to ${run.observed?.upstreamIP}:${p.port} is in place` : run.lastError ?? `ProxyPool ${desired.name} is ${run.state}`),
-        observedGeneration: res.metadata.generation,
+        reason,
+        message,
+        observedGeneration: p.generation,
       }, now);
       const status: ResourceStatus = {
-        ...(res.status ?? {}),
+        ...(current ?? {}),
         phase,
-        observedGeneration: res.metadata.generation,
+        observedGeneration: p.generation,
         conditions,
         port: p.port,
         pool: desired.name,
         rulePresent,
       };
       this.store.setStatus('ProxyPort', p.name, status);
+      this.written.set(p.name, summary);
     }
-    this.metrics.proxyPorts.set({ state: 'programmed' }, ready);
-    this.metrics.proxyPorts.set({ state: 'pending' }, pending);
-    this.metrics.proxyPorts.set({ state: 'failed' }, failed);
+    for (const { phase, n } of this.store.stmt(
+      `SELECT phase, count(*) AS n FROM status WHERE kind = 'ProxyPort' GROUP BY phase`,
+    ).all() as Array<{ phase: string; n: number }>) {
+      if (phase === 'Ready') this.metrics.proxyPorts.set({ state: 'programmed' }, n);
+      else if (phase === 'Failed') this.metrics.proxyPorts.set({ state: 'failed' }, n);
+      else this.metrics.proxyPorts.set({ state: 'pending' }, n);
+    }
   }
 
   requeueAfterMs(run: SettledRun<PoolDesired, PoolObserved>): number | undefined {

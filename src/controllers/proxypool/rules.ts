@@ -334,8 +334,24 @@ export function renderPortRule(
 }
 
 /** renderPortRule once pool, upstream and ports are validated (the entry is still checked). */
+// Rendering (checks + sha256) is the bulk of a plan's cost; a resync renders the same rules
+// again, so rendered specs are memoised by their inputs. Bounded: cleared when it outgrows
+// any realistic pool, so memory stays flat.
+const renderedUserRules = new Map<string, string>();
+const RENDER_CACHE_MAX = 200_000;
+
 function userRuleSpec(pool: string, upstreamIP: string, dp: string, entry: PortEntry): string {
   if (!entry || typeof entry !== 'object') throw new Error(`invalid port entry ${show(entry)}`);
+  const key = `${pool}\0${upstreamIP}\0${dp}\0${entry.userId}\0${entry.sourceIP}\0${entry.port}`;
+  const cached = renderedUserRules.get(key);
+  if (cached !== undefined) return cached;
+  const spec = renderUserRuleSpec(pool, upstreamIP, dp, entry);
+  if (renderedUserRules.size >= RENDER_CACHE_MAX) renderedUserRules.clear();
+  renderedUserRules.set(key, spec);
+  return spec;
+}
+
+function renderUserRuleSpec(pool: string, upstreamIP: string, dp: string, entry: PortEntry): string {
   assertUserId(entry.userId);
   assertIPv4(entry.sourceIP, `sourceIP of user ${entry.userId}`);
   assertPort(entry.port, `proxy port of user ${entry.userId}`);

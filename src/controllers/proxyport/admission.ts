@@ -21,11 +21,16 @@ export const proxyPortAdmission: Admission = {
   order: 20,
   prepare(store: Store) {
     const allocators = new Map<string, PortAllocator>();
-    const byUser = store.db.prepare(
+    const pools = new Map<string, ReturnType<typeof store.getResource<ProxyPoolSpec>>>();
+    const existingPort = store.stmt(
+      `SELECT json_extract(spec, '$.userId') AS userId, coalesce(json_extract(spec, '$.pool'), 'default') AS pool
+       FROM resources WHERE kind = 'ProxyPort' AND name = ?`,
+    );
+    const byUser = store.stmt(
       `SELECT name FROM resources WHERE kind = 'ProxyPort' AND json_extract(spec, '$.userId') = ? AND name != ?
        AND deletion_requested_at IS NULL LIMIT 1`,
     );
-    const bySource = store.db.prepare(
+    const bySource = store.stmt(
       `SELECT name, json_extract(spec, '$.userId') AS userId, coalesce(json_extract(spec, '$.pool'), 'default') AS pool
        FROM resources WHERE kind = 'ProxyPort' AND json_extract(spec, '$.sourceIP') = ? AND name != ?
        AND deletion_requested_at IS NULL`,
@@ -33,16 +38,17 @@ export const proxyPortAdmission: Admission = {
     return (r: AdmittedResource) => {
       const spec = r.spec as unknown as ProxyPortSpec;
       const pool = poolOf(spec);
-      const existing = store.getResource<ProxyPortSpec>('ProxyPort', r.name);
+      const existing = existingPort.get(r.name) as { userId: string; pool: string } | undefined;
       if (existing) {
-        if (existing.spec.userId !== spec.userId) {
-          throw new AdmissionError(['spec', 'userId'], `userId is immutable (was ${existing.spec.userId}); delete the ProxyPort and create a new one`);
+        if (existing.userId !== spec.userId) {
+          throw new AdmissionError(['spec', 'userId'], `userId is immutable (was ${existing.userId}); delete the ProxyPort and create a new one`);
         }
-        if (poolOf(existing.spec) !== pool) {
-          throw new AdmissionError(['spec', 'pool'], `pool is immutable (was ${poolOf(existing.spec)}); delete the ProxyPort and create a new one`);
+        if (existing.pool !== pool) {
+          throw new AdmissionError(['spec', 'pool'], `pool is immutable (was ${existing.pool}); delete the ProxyPort and create a new one`);
         }
       }
-      const poolRes = store.getResource<ProxyPoolSpec>('ProxyPool', pool);
+      if (!pools.has(pool)) pools.set(pool, store.getResource<ProxyPoolSpec>('ProxyPool', pool));
+      const poolRes = pools.get(pool);
       if (!poolRes || poolRes.metadata.deletionTimestamp) {
         throw new AdmissionError(['spec', 'pool'], `ProxyPool "${pool}" does not exist${poolRes ? ' (it is being deleted)' : ''}`, 'POOL_NOT_FOUND');
       }
@@ -50,9 +56,9 @@ export const proxyPortAdmission: Admission = {
       if (other) {
         throw new AdmissionError(['spec', 'userId'], `user ${spec.userId} already has a port (ProxyPort ${other.name})`, 'USER_HAS_PORT');
       }
-      const sameSource = (bySource.all(spec.sourceIP, r.name) as Array<{ name: string; userId: string; pool: string }>).find(
-        (s) => s.pool === pool,
-      );
+      // Global, not per pool: every pool's chain is jumped to from PREROUTING, so a source
+      // address in two pools would be routed by whichever jump comes first.
+      const sameSource = (bySource.all(spec.sourceIP, r.name) as Array<{ name: string; userId: string; pool: string }>)[0];
       if (sameSource) {
         throw new AdmissionError(
           ['spec', 'sourceIP'],
@@ -92,7 +98,7 @@ export const proxyPortDocumentsCheck: SemanticCheck = (resources, report) => {
     const firstUser = users.get(spec.userId);
     if (firstUser) report(r, ['spec', 'userId'], `user ${spec.userId} also has ProxyPort ${firstUser} in this apply`);
     else users.set(spec.userId, r.name);
-    const sourceKey = `${pool}/${spec.sourceIP}`;
+    const sourceKey = spec.sourceIP;
     const firstSource = sources.get(sourceKey);
     if (firstSource) report(r, ['spec', 'sourceIP'], `sourceIP ${spec.sourceIP} is also used by ProxyPort ${firstSource}`);
     else sources.set(sourceKey, r.name);

@@ -25,7 +25,7 @@ export class ProxyPortController implements SimpleController {
     }
     this.store.transaction(() => {
       if (res.metadata.deletionTimestamp) {
-        releasePort(this.store, res.spec.userId);
+        releasePort(this.store, res.spec.userId, name);
         this.store.removeResource('ProxyPort', name);
         return;
       }

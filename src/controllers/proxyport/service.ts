@@ -14,8 +14,7 @@ export function portNameFor(userId: string): string {
 }
 
 export function findPortByUser(store: Store, userId: string): StoredResource<ProxyPortSpec> | undefined {
-  const row = store.db
-    .prepare(`SELECT name FROM resources WHERE kind = 'ProxyPort' AND json_extract(spec, '$.userId') = ? LIMIT 1`)
+  const row = store.stmt(`SELECT name FROM resources WHERE kind = 'ProxyPort' AND json_extract(spec, '$.userId') = ? LIMIT 1`)
     .get(userId) as { name: string } | undefined;
   return row ? store.getResource<ProxyPortSpec>('ProxyPort', row.name) : undefined;
 }
@@ -69,7 +68,7 @@ export function ensureUserPort(
       ...(existing?.sourceFile ? { sourceFile: existing.sourceFile } : {}),
     });
     const port = (
-      store.db.prepare(`SELECT port FROM allocations WHERE user_id = ? AND state = 'bound'`).get(userId) as { port: number }
+      store.stmt(`SELECT port FROM allocations WHERE user_id = ? AND state = 'bound'`).get(userId) as { port: number }
     ).port;
     return { resource: out.resource as unknown as StoredResource<ProxyPortSpec>, created: out.created, port };
   });
