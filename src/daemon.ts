@@ -93,6 +93,7 @@ export class Daemon {
       workers: config.workers,
       resyncIntervalMs: config.resyncIntervalMs,
     });
+    this.metrics.countResourcesWith(() => (this.store.db.open ? this.store.phaseCounts() : []));
     this.health = new ProxyHealthChecker(this.store, this.metrics, logger, this.manager.events);
     if (config.desiredStateDir) {
       this.watcher = new DesiredStateDirWatcher({

@@ -385,3 +385,27 @@ test('an expired lease is taken over even when its holder looks alive', (t) => {
   const err = t.throws(() => new Lease(store, 'other').acquire(), { instanceOf: LeaseHeldError });
   t.regex(err!.message, /pid 1 on other-host/);
 });
+
+test('a holder whose lease was taken over learns it on renew and does not touch the new holder\'s lease', (t) => {
+  const { store, file } = openStore(t);
+  let lost = 0;
+  const a = new Lease(store, 'daemon', 15_000, () => lost++);
+  a.acquire();
+  t.teardown(() => a.release());
+  t.true(a.renew(), 'renewing a lease we hold succeeds');
+  t.is(lost, 0);
+
+  // A stalled holder: its lease expired (as if it had been stopped for longer than the ttl).
+  store.db.prepare('UPDATE leases SET renewed_at = ? WHERE name = ?').run(Date.now() - 60_000, 'daemon');
+  const other = new Store(file);
+  t.teardown(() => other.close());
+  const b = new Lease(other, 'daemon', 15_000);
+  t.notThrows(() => b.acquire());
+  t.teardown(() => b.release());
+
+  t.false(a.renew(), 'the old holder finds out');
+  t.is(lost, 1, 'and is told once');
+  a.release();
+  const row = store.db.prepare('SELECT holder FROM leases WHERE name = ?').get('daemon') as { holder: string } | undefined;
+  t.is(row?.holder, b.holder, "the old holder's release leaves the new holder's lease alone");
+});

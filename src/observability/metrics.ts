@@ -50,12 +50,26 @@ export class Metrics {
     labelNames: ['kind', 'name'] as const,
     registers: [this.registry],
   });
+  /** Counted from the store when scraped (see countResourcesWith), not on every reconcile. */
   readonly resources = new Gauge({
     name: 'polydev_resources',
     help: 'Resources by kind and phase.',
     labelNames: ['kind', 'phase'] as const,
     registers: [this.registry],
+    collect: () => this.collectResources(),
   });
+  private resourceCounter: (() => Array<{ kind: string; phase: string; n: number }>) | undefined;
+
+  /** Where polydev_resources comes from at scrape time (the daemon passes its store). */
+  countResourcesWith(counter: () => Array<{ kind: string; phase: string; n: number }>): void {
+    this.resourceCounter = counter;
+  }
+
+  private collectResources(): void {
+    if (!this.resourceCounter) return;
+    this.resources.reset();
+    for (const { kind, phase, n } of this.resourceCounter()) this.resources.set({ kind, phase }, n);
+  }
   readonly iptablesRestoreTotal = new Counter({
     name: 'polydev_iptables_restore_total',
     help: 'iptables-restore runs, by result.',

@@ -34,8 +34,10 @@ export interface SettledRun<Desired, Observed> {
   state: string;
   lastError: string | null;
   driftDetected: boolean;
-  /** Descriptions of what the run found to do (empty when it was already converged). */
-  plan: string[];
+  /** Actions the last observation of the run still found to do: 0 means converged. */
+  changes: number;
+  /** Descriptions of the first of them. */
+  summary: string[];
 }
 
 /**
@@ -75,8 +77,6 @@ export interface SimpleController {
   readonly kind: string;
   readonly watches?: Watch[];
   reconcile(name: string, ctx: ControllerContext): Promise<{ requeueAfterMs?: number } | void>;
-  /** Whether the resource counts as converged for `run --once`. */
-  converged(resource: StoredResource): boolean;
   start?(ctx: ControllerContext): void;
   stop?(): Promise<void>;
 }

@@ -2,9 +2,14 @@ import { assign, fromPromise, setup } from 'xstate';
 
 export type DriftPolicy = 'correct' | 'warn' | 'ignore';
 
+/** How many of a plan's actions are described in the context (and so in the persisted snapshot). */
+export const SUMMARY_LIMIT = 20;
+
 export interface ObserveOutput {
-  /** Human-readable descriptions of what a sync would do now; empty when converged. */
-  plan: string[];
+  /** How many actions a sync would take now; 0 when converged. */
+  changes: number;
+  /** Descriptions of the first SUMMARY_LIMIT of them, for events, status and logs. */
+  summary: string[];
   /** Desired state differs from what was last converged: a non-empty plan is then a change, not drift. */
   desiredChanged: boolean;
 }
@@ -14,7 +19,12 @@ const output = (event: unknown) => (event as { output: ObserveOutput }).output;
 export interface ConvergenceContext {
   failures: number;
   lastError: string | null;
-  plan: string[];
+  /** The last observation's plan: its size and the first few descriptions. */
+  changes: number;
+  summary: string[];
+  /** The plan that was found to be drift, kept apart (Verifying overwrites changes/summary). */
+  driftChanges: number;
+  driftSummary: string[];
   /** The last settled state was Ready or Drifted (so a non-empty plan now is drift, not a failure to converge). */
   wasReady: boolean;
   /** The last settled state was Drifted: the drift is already known and counted. */
@@ -62,11 +72,18 @@ export const convergenceMachine = setup({
   actions: {
     beginRun: assign(({ event }) => ({
       driftDetected: false,
+      driftChanges: 0,
+      driftSummary: [],
       driftPolicy: event.type === 'RECONCILE' ? event.driftPolicy : 'correct',
     })),
-    recordPlan: assign({ plan: ({ event }) => output(event).plan }),
-    markDrift: assign({
-      driftDetected: ({ context, event }) => context.wasReady && !context.wasDrifted && !output(event).desiredChanged,
+    recordPlan: assign({ changes: ({ event }) => output(event).changes, summary: ({ event }) => output(event).summary }),
+    markDrift: assign(({ context, event }) => {
+      const drift = context.wasReady && !context.wasDrifted && !output(event).desiredChanged;
+      return {
+        driftDetected: drift,
+        driftChanges: drift ? output(event).changes : 0,
+        driftSummary: drift ? output(event).summary : [],
+      };
     }),
     recordError: assign({
       lastError: ({ event }) => {
@@ -76,7 +93,7 @@ export const convergenceMachine = setup({
     }),
   },
   guards: {
-    converged: ({ event }) => output(event).plan.length === 0,
+    converged: ({ event }) => output(event).changes === 0,
     ignoreDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'ignore',
     leaveDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'warn',
     tooManyFailures: ({ context }) => context.failures >= context.degradedAfter,
@@ -87,7 +104,10 @@ export const convergenceMachine = setup({
   context: ({ input }) => ({
     failures: 0,
     lastError: null,
-    plan: [],
+    changes: 0,
+    summary: [],
+    driftChanges: 0,
+    driftSummary: [],
     wasReady: false,
     wasDrifted: false,
     driftDetected: false,
@@ -129,8 +149,8 @@ export const convergenceMachine = setup({
               'recordPlan',
               assign({
                 lastError: ({ event }) => {
-                  const plan = output(event).plan;
-                  return `not converged after sync: ${plan.length} change(s) still needed (${plan.slice(0, 3).join('; ')})`;
+                  const o = output(event);
+                  return `not converged after sync: ${o.changes} change(s) still needed (${o.summary.slice(0, 3).join('; ')})`;
                 },
               }),
             ],

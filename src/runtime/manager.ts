@@ -8,11 +8,11 @@ import {
   type Condition,
   type EventType,
   type ResourceStatus,
-  type StoredResource,
 } from '../state/types.js';
 import {
   convergenceMachine,
   SETTLED_STATES,
+  SUMMARY_LIMIT,
   type ConvergenceContext,
   type DriftPolicy,
   type ObserveOutput,
@@ -207,11 +207,12 @@ export class Manager {
         this.markUncontrolled(kind, name);
         return;
       }
-      const abort = new AbortController();
-      this.inFlight.set(k, abort);
+      const converging = isConverging(controller);
+      const abort = converging ? new AbortController() : undefined;
+      if (abort) this.inFlight.set(k, abort);
       try {
-        const outcome = isConverging(controller)
-          ? await this.runConverging(controller, name, abort.signal)
+        const outcome = converging
+          ? await this.runConverging(controller, name, abort!.signal)
           : await this.runSimple(controller, name);
         if (outcome.failed) {
           result = 'error';
@@ -219,19 +220,12 @@ export class Manager {
         }
         if (outcome.requeueAfterMs !== undefined) this.queue.addAfter(k, outcome.requeueAfterMs);
       } finally {
-        this.inFlight.delete(k);
+        if (abort) this.inFlight.delete(k);
       }
     } finally {
       this.opts.metrics.reconcileTotal.inc({ kind, result });
       this.opts.metrics.reconcileDuration.observe({ kind }, (performance.now() - started) / 1000);
-      this.refreshResourceGauge();
     }
-  }
-
-  private refreshResourceGauge(): void {
-    if (!this.opts.store.db.open) return;
-    this.opts.metrics.resources.reset();
-    for (const { kind, phase, n } of this.opts.store.phaseCounts()) this.opts.metrics.resources.set({ kind, phase }, n);
   }
 
   private markUncontrolled(kind: string, name: string): void {
@@ -285,7 +279,11 @@ export class Manager {
           fingerprint = c.fingerprint?.(desired) ?? `generation:${resource.metadata.generation}`;
           observed = await c.observe(desired);
           actions = c.plan(desired, observed);
-          return { plan: actions.map((a) => c.describe(a)), desiredChanged: fingerprint !== lastFingerprint };
+          return {
+            changes: actions.length,
+            summary: actions.slice(0, SUMMARY_LIMIT).map((a) => c.describe(a)),
+            desiredChanged: fingerprint !== lastFingerprint,
+          };
         }),
         execute: fromExecute(async () => {
           await c.execute(desired, observed, actions);
@@ -327,21 +325,22 @@ export class Manager {
       state,
       lastError: context.lastError,
       driftDetected: context.driftDetected,
-      plan: context.plan,
+      changes: context.changes,
+      summary: context.summary,
     };
     const failed = state === 'Backoff' || state === 'Degraded' || state === 'TerminatingBackoff';
     const retryInMs = failed ? backoffDelay(context.failures, this.backoff) : undefined;
     const events: Array<[EventType, string, string]> = [];
     if (context.driftDetected) {
       metrics.driftTotal.inc({ kind: c.kind });
-      const what = `${context.plan.length} change(s): ${context.plan.slice(0, 5).join('; ')}${context.plan.length > 5 ? '; …' : ''}`;
+      const what = `${context.driftChanges} change(s): ${context.driftSummary.slice(0, 5).join('; ')}${context.driftChanges > 5 ? '; …' : ''}`;
       events.push([
         'Warning',
         'DriftDetected',
         state === 'Drifted' ? `drift found and left alone (driftPolicy ${driftPolicy}): ${what}` : `drift found, repairing: ${what}`,
       ]);
     }
-    if (state === 'Ready' && context.plan.length === 0 && run.driftDetected === false && persisted?.value !== 'Ready') {
+    if (state === 'Ready' && context.changes === 0 && !run.driftDetected && persisted?.value !== 'Ready') {
       events.push(['Normal', 'Converged', `${c.kind} ${name} is converged`]);
     }
     if (failed) events.push(['Warning', state === 'Degraded' ? 'Degraded' : 'SyncFailed', context.lastError ?? 'failed']);
@@ -399,7 +398,7 @@ export class Manager {
       message: ready
         ? 'desired state is in place'
         : run.state === 'Drifted'
-          ? `live state differs and driftPolicy is not correct: ${run.plan.slice(0, 3).join('; ')}`
+          ? `live state differs (${run.changes} change(s)) and driftPolicy is not correct: ${run.summary.slice(0, 3).join('; ')}`
           : `${run.lastError ?? run.state}${retryInMs !== undefined ? ` (retry in ${Math.round(retryInMs)} ms)` : ''}`,
       observedGeneration: generation,
     }, now);
@@ -432,31 +431,33 @@ export class Manager {
     }
   }
 
-  convergenceReport(): ConvergenceReport {
-    const pending: ConvergenceReport['pending'] = [];
-    for (const res of this.opts.store.listResources()) {
-      if (!this.isConverged(res)) {
-        const ready = res.status?.conditions.find((c) => c.type === 'Ready');
-        pending.push({
-          kind: res.kind,
-          name: res.metadata.name,
-          phase: res.status?.phase ?? 'Pending',
-          reason: ready ? `${ready.reason}: ${ready.message}` : 'not reconciled yet',
-        });
-      }
-    }
+  /**
+   * Converged: phase Ready for the current generation, not being deleted, and a controller for
+   * the kind. Counted in SQL: `run --once` polls this, and 10,000 ports must not be read whole.
+   */
+  convergenceReport(limit = 50): ConvergenceReport {
+    const kinds = [...this.controllers.keys()];
+    const rows = this.opts.store
+      .stmt(
+        `SELECT r.kind AS kind, r.name AS name, coalesce(s.phase, 'Pending') AS phase, s.body AS body
+         FROM resources r LEFT JOIN status s ON s.kind = r.kind AND s.name = r.name
+         WHERE NOT (s.phase IS 'Ready' AND r.deletion_requested_at IS NULL
+                    AND json_extract(s.body, '$.observedGeneration') IS r.generation
+                    AND r.kind IN (SELECT value FROM json_each(?)))
+         LIMIT ?`,
+      )
+      .all(JSON.stringify(kinds), limit) as Array<{ kind: string; name: string; phase: string; body: string | null }>;
+    const pending = rows.map((r) => {
+      const status = r.body ? (JSON.parse(r.body) as ResourceStatus) : undefined;
+      const ready = status?.conditions.find((c) => c.type === 'Ready');
+      return {
+        kind: r.kind,
+        name: r.name,
+        phase: r.phase,
+        reason: ready ? `${ready.reason}: ${ready.message}` : 'not reconciled yet',
+      };
+    });
     return { converged: pending.length === 0, pending };
-  }
-
-  private isConverged(res: StoredResource): boolean {
-    const c = this.controllers.get(res.kind);
-    if (!c) return false;
-    if (!isConverging(c)) return c.converged(res);
-    return (
-      res.metadata.deletionTimestamp === undefined &&
-      res.status?.phase === 'Ready' &&
-      res.status.observedGeneration === res.metadata.generation
-    );
   }
 
   /** Stops taking work, lets in-flight reconciles finish for up to graceMs, then abandons them. */

@@ -126,6 +126,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   /** What this process last wrote to each ProxyPort's status (its summary), to skip unchanged writes. */
   private readonly written = new Map<string, string>();
   private readonly programmedCache = new WeakMap<PoolObserved, Set<string>>();
+  private readonly fingerprints = new WeakMap<PoolDesired, string>();
   private readonly desiredCache = new Map<string, { seq: number; uid: string; desired: PoolDesired }>();
   private ctx: ControllerContext | undefined;
 
@@ -165,10 +166,14 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   }
 
   fingerprint(desired: PoolDesired): string {
+    const cached = this.fingerprints.get(desired);
+    if (cached) return cached;
     const h = createHash('sha256');
     h.update(JSON.stringify(desired.spec));
     for (const p of desired.ports) h.update(`\n${p.userId} ${p.sourceIP} ${p.port} ${p.deleting} ${p.problem ?? ''}`);
-    return h.digest('hex').slice(0, 16);
+    const digest = h.digest('hex').slice(0, 16);
+    this.fingerprints.set(desired, digest);
+    return digest;
   }
 
   async observe(desired: PoolDesired): Promise<PoolObserved> {
@@ -251,7 +256,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     const cached = this.programmedCache.get(run.observed);
     if (cached) return cached;
     const set = ruleSetOf(run.desired, run.observed.upstreamIP);
-    const out = run.plan.length === 0 ? new Set(set.ports.map((p) => p.userId)) : programmedUsers(set, run.observed.rules);
+    const out = run.changes === 0 ? new Set(set.ports.map((p) => p.userId)) : programmedUsers(set, run.observed.rules);
     this.programmedCache.set(run.observed, out);
     return out;
   }
@@ -290,7 +295,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     const now = new Date().toISOString();
     for (const p of desired.ports) {
       if (p.deleting) {
-        if (run.observed && run.plan.length === 0) {
+        if (run.observed && run.changes === 0) {
           // Finalizer: the pool converged without this user's rule, so the port may go.
           releasePort(this.store, p.userId, p.name);
           this.store.removeResource('ProxyPort', p.name);

@@ -1,7 +1,7 @@
 import type { ControllerContext, SimpleController } from '../../runtime/controller.js';
 import { releasePort } from '../../state/allocations.js';
 import type { Store } from '../../state/store.js';
-import { setCondition, type StoredResource } from '../../state/types.js';
+import { setCondition } from '../../state/types.js';
 import type { ProxyPortSpec } from '../proxypool/types.js';
 import { poolOf } from './admission.js';
 
@@ -16,13 +16,24 @@ export class ProxyPortController implements SimpleController {
   constructor(private readonly store: Store) {}
 
   async reconcile(name: string, ctx: ControllerContext): Promise<void> {
+    // The common case (the pool exists) needs two index look-ups, not the whole resource:
+    // a start-up sync of 10,000 ports passes through here 10,000 times.
+    const ref = this.store
+      .stmt(
+        `SELECT coalesce(json_extract(r.spec, '$.pool'), 'default') AS pool,
+                EXISTS (SELECT 1 FROM resources p WHERE p.kind = 'ProxyPool'
+                        AND p.name = coalesce(json_extract(r.spec, '$.pool'), 'default')) AS poolExists
+         FROM resources r WHERE r.kind = 'ProxyPort' AND r.name = ?`,
+      )
+      .get(name) as { pool: string; poolExists: number } | undefined;
+    if (!ref) return;
+    if (ref.poolExists) {
+      ctx.enqueue('ProxyPool', ref.pool);
+      return;
+    }
     const res = this.store.getResource<ProxyPortSpec>('ProxyPort', name);
     if (!res) return;
     const pool = poolOf(res.spec);
-    if (this.store.getResource('ProxyPool', pool)) {
-      ctx.enqueue('ProxyPool', pool);
-      return;
-    }
     this.store.transaction(() => {
       if (res.metadata.deletionTimestamp) {
         releasePort(this.store, res.spec.userId, name);
@@ -40,9 +51,5 @@ export class ProxyPortController implements SimpleController {
         ctx.recorder.record('ProxyPort', name, 'Warning', 'PoolNotFound', `ProxyPool ${pool} does not exist`);
       }
     });
-  }
-
-  converged(resource: StoredResource): boolean {
-    return resource.status?.phase === 'Ready' && resource.status.observedGeneration === resource.metadata.generation;
   }
 }
