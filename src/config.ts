@@ -85,12 +85,16 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
     case 'logLevel':
       if (!['error', 'warn', 'info', 'debug'].includes(text)) return fail('must be error, warn, info or debug');
       return text;
-    case 'duration':
+    case 'duration': {
+      let ms: number;
       try {
-        return parseDuration(text);
+        ms = parseDuration(text);
       } catch (err) {
         return fail((err as Error).message);
       }
+      if (ms <= 0) return fail('must be longer than 0');
+      return ms;
+    }
     case 'int': {
       if (!/^[0-9]+$/.test(text) || Number(text) < 1) return fail('must be a positive whole number');
       return Number(text);
@@ -113,7 +117,8 @@ function flatten(obj: Record<string, unknown>, prefix = ''): Map<string, unknown
   const out = new Map<string, unknown>();
   for (const [k, v] of Object.entries(obj)) {
     const key = prefix ? `${prefix}.${k}` : k;
-    if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
+    // An empty mapping is kept as a key of its own, so a misspelt empty section is still reported.
+    if (v !== null && typeof v === 'object' && !Array.isArray(v) && Object.keys(v).length > 0) {
       for (const [k2, v2] of flatten(v as Record<string, unknown>, key)) out.set(k2, v2);
     } else out.set(key, v);
   }
@@ -156,10 +161,11 @@ export function loadConfig(
     } catch (err) {
       throw new ConfigError(`${configFile}: cannot read config: ${(err as Error).message}`);
     }
-    const doc = YAML.parseDocument(text, { prettyErrors: false, uniqueKeys: true });
+    const lc = new LineCounter();
+    const doc = YAML.parseDocument(text, { prettyErrors: false, uniqueKeys: true, lineCounter: lc });
     if (doc.errors.length > 0) {
       const e = doc.errors[0]!;
-      const pos = e.linePos?.[0];
+      const pos = e.linePos?.[0] ?? lc.linePos(e.pos[0]);
       throw new ConfigError(`${configFile}:${pos?.line ?? 1}:${pos?.col ?? 1}: YAML syntax error: ${e.message.split('\n')[0]}`);
     }
     const parsed = doc.toJS() as unknown;
@@ -169,6 +175,8 @@ export function loadConfig(
       for (const [key, raw] of flatten(parsed as Record<string, unknown>)) {
         const s = known.get(key);
         const where = `${configFile}:${linePosOf(text, key)}`;
+        const emptySection = raw !== null && typeof raw === 'object' && !Array.isArray(raw);
+        if (!s && emptySection && SETTINGS.some((x) => x.key.startsWith(`${key}.`))) continue;
         if (!s) throw new ConfigError(`${where}: ${key}: unknown setting (known: ${[...known.keys()].join(', ')})`);
         if (raw === null || raw === undefined) continue;
         values.set(key, convert(s, raw, path.dirname(configFile), where));

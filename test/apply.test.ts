@@ -144,7 +144,7 @@ test('applying the same YAML twice keeps generation 1; a spec change makes it 2;
 // (canonical JSON, keys sorted: filter, nat, postrouting) with the incoming ones (YAML/schema
 // order: nat, postrouting, filter) using JSON.stringify, so re-applying ANY unchanged ProxyPool
 // is refused with "chains are immutable", and with it the whole directory.
-test.failing('re-applying an unchanged ProxyPool is a no-op (examples applied twice through the CLI)', async (t) => {
+test('re-applying an unchanged ProxyPool is a no-op (examples applied twice through the CLI)', async (t) => {
   const db = path.join(tempDir(t), 'twice.db');
   const first = await cli(db, 'apply', '-f', EXAMPLES_DIR);
   t.is(first.code, 0, first.err.join('\n'));
@@ -156,7 +156,7 @@ test.failing('re-applying an unchanged ProxyPool is a no-op (examples applied tw
   t.is(s.getResource('ProxyPool', 'default')!.metadata.generation, 1);
 });
 
-test.failing('re-applying a ProxyPool with a changed spec (chains unchanged) is accepted and bumps generation', (t) => {
+test('re-applying a ProxyPool with a changed spec (chains unchanged) is accepted and bumps generation', (t) => {
   const { store } = openStore(t);
   const dir = tempDir(t);
   const [file] = writeFiles(dir, { 'pool.yaml': poolYaml('default', { max: 19999 }) });
@@ -271,7 +271,7 @@ test('a prune that would delete more than maxPrune of a kind is refused, names t
 // apply's upserts, so the resources the same apply creates dilute it. Replacing every stored
 // ProxyPort by as many new ones (say, applying the wrong directory) deletes 100% of what existed
 // but counts as 4 of 8 = 50%, which passes the default --max-prune 0.5.
-test.failing('a prune that would delete every stored resource of a kind is refused even if as many new ones come in', (t) => {
+test('a prune that would delete every stored resource of a kind is refused even if as many new ones come in', (t) => {
   const { store } = openStore(t);
   seedPool(t, store);
   const dir = tempDir(t);

@@ -303,6 +303,20 @@ test.serial.failing('BUG: the directory poll applies an edit before the applyDeb
   t.true(after >= 3500, `applied ${after} ms after the edit, debounce is 4000 ms`);
 });
 
+test.failing('BUG: the watched directory accepts an edit of the bundled example shape (ProxyPool without explicit chains)', async (t) => {
+  // Pool spec as in manifests/examples/proxy.yaml: chains come from the CRD defaults. Adding a user
+  // re-applies the unchanged pool, and admission compares its chains with key-order-sensitive
+  // JSON.stringify against the canonical (sorted) stored spec: "chains are immutable".
+  const { env, daemon } = await setup(t, { pool: { chains: 'omit' } });
+  env.writeDesired('proxy.yaml', manifest({ chains: 'omit' }, [...EXAMPLE_USERS, { userId: 'dave', sourceIP: '127.0.0.14' }]));
+  await waitFor('dave to be stored or the edit to be rejected', () =>
+    daemon.store.getResource('ProxyPort', 'dave') ?? events(daemon, 'DesiredState', 'directory').find((e) => e.reason === 'ApplyRejected'),
+  );
+  const rejected = events(daemon, 'DesiredState', 'directory').find((e) => e.reason === 'ApplyRejected');
+  t.is(rejected, undefined, rejected?.message);
+  t.truthy(daemon.store.getResource('ProxyPort', 'dave'));
+});
+
 // ---------------------------------------------------------------------------
 // 5. deletion
 

@@ -334,7 +334,7 @@ spec:
 // BUG (src/desired/validate.ts, locateLater): positions of cross-document problems come from a
 // module-level cache of the last re-parsed file keyed by path only, so after the file is edited
 // (the desired-state directory watcher re-validates the same paths) they point into the old text.
-test.failing('positions stay right when a file is edited and validated again', (t) => {
+test('positions stay right when a file is edited and validated again', (t) => {
   const dir = tempDir(t);
   const body = docs(
     portYaml('first', { userId: 'same', sourceIP: '10.4.0.1', pool: 'other' }),

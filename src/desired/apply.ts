@@ -150,9 +150,13 @@ function prune(store: Store, applied: DesiredResource[], options: ApplyOptions, 
   const keep = new Set(applied.map((r) => `${r.kind}/${r.name}`));
   const kinds = [...new Set(applied.map((r) => r.kind))];
   const doomed: string[] = [];
+  const createdNow = new Set(result.created);
   for (const kind of kinds) {
     // Only what an apply created is pruned: resources made through the API belong to their callers.
-    const candidates = store.listResources(kind).filter((r) => r.source === 'apply' && !r.metadata.deletionTimestamp);
+    // The share is of what existed before this apply: replacing every resource is 100%, not 50%.
+    const candidates = store
+      .listResources(kind)
+      .filter((r) => r.source === 'apply' && !r.metadata.deletionTimestamp && !createdNow.has(`${kind}/${r.metadata.name}`));
     const gone = candidates.filter((r) => !keep.has(`${kind}/${r.metadata.name}`));
     if (gone.length === 0) continue;
     const share = gone.length / candidates.length;

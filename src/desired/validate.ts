@@ -363,18 +363,22 @@ function lazyLocator(file: string, docIndex: number): DesiredResource['locate'] 
   return (fieldPath) => locateLater(file, docIndex, fieldPath);
 }
 
-let reparsed: { file: string; docs: Document.Parsed[]; lc: LineCounter } | undefined;
+let reparsed: { key: string; docs: Document.Parsed[]; lc: LineCounter } | undefined;
 
 function locateLater(file: string, docIndex: number, fieldPath: Array<string | number>): { line: number; col: number } {
-  if (reparsed?.file !== file) {
+  let text: string;
+  let key: string;
+  try {
+    const st = fs.statSync(file);
+    // Keyed on the file's identity and version: an edited file is never located in its old text.
+    key = `${file}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
+    text = reparsed?.key === key ? '' : fs.readFileSync(file, 'utf8');
+  } catch {
+    return { line: 0, col: 0 };
+  }
+  if (reparsed?.key !== key) {
     const lc = new LineCounter();
-    let text = '';
-    try {
-      text = fs.readFileSync(file, 'utf8');
-    } catch {
-      return { line: 0, col: 0 };
-    }
-    reparsed = { file, docs: YAML.parseAllDocuments(text, { lineCounter: lc }) as Document.Parsed[], lc };
+    reparsed = { key, docs: YAML.parseAllDocuments(text, { lineCounter: lc }) as Document.Parsed[], lc };
   }
   const doc = reparsed.docs[docIndex];
   return doc ? locateNode(doc, reparsed.lc, fieldPath) : { line: 0, col: 0 };

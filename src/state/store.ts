@@ -118,6 +118,8 @@ export class Store extends EventEmitter {
   /** Runs fn in one transaction (nesting is a savepoint); change listeners fire after the outermost commit. */
   transaction<T>(fn: () => T): T {
     this.txDepth++;
+    // Changes recorded by this (possibly nested) transaction start here; a rollback drops them.
+    const mark = this.pending.length;
     try {
       // IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading a read lock.
       const result = this.db.transaction(fn).immediate();
@@ -126,7 +128,7 @@ export class Store extends EventEmitter {
       return result;
     } catch (err) {
       this.txDepth--;
-      if (this.txDepth === 0) this.pending = [];
+      this.pending.length = mark;
       throw err;
     }
   }

@@ -2,6 +2,7 @@ import { AdmissionError, type Admission, type AdmittedResource } from '../../des
 import type { SemanticCheck } from '../../desired/validate.js';
 import { PortAllocationError, PortAllocator } from '../../state/allocations.js';
 import type { Store } from '../../state/store.js';
+import { canonicalJson } from '../../util/canonical-json.js';
 import { parseDuration } from '../../util/duration.js';
 import type { ProxyPoolSpec, ProxyPortSpec } from '../proxypool/types.js';
 
@@ -145,7 +146,7 @@ export const proxyPoolAdmission: Admission = {
         }
       }
       const existing = store.getResource<ProxyPoolSpec>('ProxyPool', r.name);
-      if (existing && JSON.stringify(existing.spec.chains) !== JSON.stringify(chains)) {
+      if (existing && canonicalJson(existing.spec.chains) !== canonicalJson(chains)) {
         // Renaming chains under live rules would orphan the old ones; make it an explicit delete.
         throw new AdmissionError(['spec', 'chains'], 'chains are immutable; delete the ProxyPool and apply it again to rename them');
       }
