@@ -77,6 +77,11 @@ export interface SimpleController {
   readonly kind: string;
   readonly watches?: Watch[];
   reconcile(name: string, ctx: ControllerContext): Promise<{ requeueAfterMs?: number } | void>;
+  /**
+   * The names that need a reconcile of their own at start and on resync; the others converge
+   * through another kind's key (ProxyPorts through their pool). Default: every name.
+   */
+  resyncNames?(): string[];
   start?(ctx: ControllerContext): void;
   stop?(): Promise<void>;
 }

@@ -131,8 +131,7 @@ export class Manager {
     store.on('change', this.onChange);
     const now = Date.now();
     const delayed = new Map(store.listBackoff().map((b) => [key(b.kind, b.name), b.nextAttemptAt]));
-    for (const { kind, name } of store.listKeys()) {
-      const k = key(kind, name);
+    for (const k of this.syncKeys()) {
       this.initialKeys.add(k);
       const at = delayed.get(k);
       if (at !== undefined && at > now) this.queue.addAfter(k, at - now);
@@ -156,7 +155,21 @@ export class Manager {
 
   /** Enqueues every key: drift that no watch reports is found here. */
   resync(): void {
-    for (const { kind, name } of this.opts.store.listKeys()) this.queue.add(key(kind, name));
+    for (const k of this.syncKeys()) this.queue.add(k);
+  }
+
+  /** Every key, less those a controller says converge through another key (see resyncNames). */
+  private syncKeys(): string[] {
+    const out: string[] = [];
+    const narrowed = new Map<string, Set<string>>();
+    for (const c of this.controllers.values()) {
+      if (!isConverging(c) && c.resyncNames) narrowed.set(c.kind, new Set(c.resyncNames()));
+    }
+    for (const { kind, name } of this.opts.store.listKeys()) {
+      const only = narrowed.get(kind);
+      if (!only || only.has(name)) out.push(key(kind, name));
+    }
+    return out;
   }
 
   private pollChanges(): void {

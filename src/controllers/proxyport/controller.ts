@@ -15,6 +15,19 @@ export class ProxyPortController implements SimpleController {
 
   constructor(private readonly store: Store) {}
 
+  /** Only ports without an existing pool (or being deleted without one) need their own key. */
+  resyncNames(): string[] {
+    return (
+      this.store
+        .stmt(
+          `SELECT r.name AS name FROM resources r WHERE r.kind = 'ProxyPort' AND NOT EXISTS (
+             SELECT 1 FROM resources p WHERE p.kind = 'ProxyPool'
+             AND p.name = coalesce(json_extract(r.spec, '$.pool'), 'default'))`,
+        )
+        .all() as Array<{ name: string }>
+    ).map((r) => r.name);
+  }
+
   async reconcile(name: string, ctx: ControllerContext): Promise<void> {
     // The common case (the pool exists) needs two index look-ups, not the whole resource:
     // a start-up sync of 10,000 ports passes through here 10,000 times.
