@@ -95,6 +95,19 @@ export class Daemon {
     });
     this.metrics.countResourcesWith(() => (this.store.db.open ? this.store.phaseCounts() : []));
     this.health = new ProxyHealthChecker(this.store, this.metrics, logger, this.manager.events);
+    // Bind the API first: a daemon that cannot serve must fail before it changes anything.
+    if (this.options.serveApi ?? true) {
+      this.api = buildApi({ store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, token });
+      try {
+        await this.api.listen({ host: config.listen.host, port: config.listen.port });
+      } catch (err) {
+        await this.api.close().catch(() => undefined);
+        this.api = undefined;
+        this.lease?.release();
+        this.store.close();
+        throw new Error(`cannot listen on ${config.listen.host}:${config.listen.port}: ${(err as Error).message}`);
+      }
+    }
     if (config.desiredStateDir) {
       this.watcher = new DesiredStateDirWatcher({
         dir: config.desiredStateDir,
@@ -112,10 +125,6 @@ export class Daemon {
     }
     this.manager.start();
     this.health.start(this.options.healthTickMs ?? 1000);
-    if (this.options.serveApi ?? true) {
-      this.api = buildApi({ store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, token });
-      await this.api.listen({ host: config.listen.host, port: config.listen.port });
-    }
     logger.info('polydev-reconciler started', {
       database: config.database,
       desiredStateDir: config.desiredStateDir ?? null,

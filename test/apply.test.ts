@@ -24,10 +24,7 @@ function dump(store: Store): unknown {
   };
 }
 
-/**
- * Applies pool `default` once, from a directory of its own. (Re-applying a ProxyPool is refused
- * by a bug, see the failing test below, so tests that apply several times keep the pool apart.)
- */
+/** Applies pool `default` once, from a directory of its own (the tests below apply ports separately). */
 function seedPool(t: import('ava').ExecutionContext, store: Store, opts: Parameters<typeof poolYaml>[1] = {}): void {
   const dir = tempDir(t);
   writeFiles(dir, { 'pool.yaml': poolYaml('default', opts) });

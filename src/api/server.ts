@@ -87,7 +87,7 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
 
   // ---- proxy ports (by user) ---------------------------------------------
   app.post('/api/v1/proxyports', { preHandler: requireToken }, async (req, reply) => {
-    const body = objectBody(req.body);
+    const body = objectBody(req.body, ['userId', 'sourceIP', 'port', 'pool']);
     const out = ensureUserPort(store, deps.validator, {
       userId: body.userId,
       sourceIP: body.sourceIP,
@@ -104,7 +104,7 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     });
   });
   app.post('/api/v1/proxyports/check', { preHandler: requireToken }, async (req) => {
-    const body = req.body === undefined || req.body === null ? {} : objectBody(req.body);
+    const body = req.body === undefined || req.body === null ? {} : objectBody(req.body, ['userIds', 'pool']);
     const userIds = body.userIds;
     if (userIds !== undefined && (!Array.isArray(userIds) || userIds.some((u) => typeof u !== 'string') || userIds.length > 10_000)) {
       throw new ApiError(400, 'INVALID', 'userIds must be an array of at most 10000 strings');
@@ -149,9 +149,15 @@ function kindOf(deps: ApiDeps, name: string): string {
   return kind;
 }
 
-function objectBody(body: unknown): Record<string, unknown> {
+/** A JSON object with only the given fields: a misspelt field is an error, as in YAML, not silently ignored. */
+function objectBody(body: unknown, fields: string[]): Record<string, unknown> {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) {
     throw new ApiError(400, 'INVALID', 'the request body must be a JSON object');
+  }
+  const unknown = Object.keys(body).filter((k) => !fields.includes(k));
+  if (unknown.length > 0) {
+    throw new ApiError(400, 'INVALID', `unknown field(s) ${unknown.map((k) => JSON.stringify(k)).join(', ')} (allowed: ${fields.join(', ')})`,
+      unknown.map((k) => ({ field: k, message: 'unknown field' })));
   }
   return body as Record<string, unknown>;
 }

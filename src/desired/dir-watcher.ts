@@ -46,7 +46,10 @@ export class DesiredStateDirWatcher {
     } catch (err) {
       this.opts.logger.warn('cannot watch desired-state directory; polling only', { dir: this.opts.dir, error: (err as Error).message });
     }
-    this.poll = setInterval(() => this.applyIfChanged(), this.opts.pollMs);
+    // The poll only notices; the debounce still decides when (a multi-file edit lands whole).
+    this.poll = setInterval(() => {
+      if (!this.debounce && this.digest() !== this.lastDigest) this.schedule();
+    }, this.opts.pollMs);
     this.poll.unref();
     return first;
   }
@@ -59,7 +62,10 @@ export class DesiredStateDirWatcher {
 
   private schedule(): void {
     if (this.debounce) clearTimeout(this.debounce);
-    this.debounce = setTimeout(() => this.applyIfChanged(), this.opts.debounceMs);
+    this.debounce = setTimeout(() => {
+      this.debounce = undefined;
+      this.applyIfChanged();
+    }, this.opts.debounceMs);
     this.debounce.unref();
   }
 

@@ -351,12 +351,14 @@ export async function checkMany<T>(
   targets: T[],
   concurrency: number,
   check: (t: T) => Promise<ProxyCheckResult>,
+  signal?: AbortSignal,
 ): Promise<Array<{ target: T; result: ProxyCheckResult }>> {
   const limit = Math.max(1, Math.floor(Number.isFinite(concurrency) ? concurrency : 1));
   const out: Array<{ target: T; result: ProxyCheckResult }> = new Array(targets.length);
   let next = 0;
   const worker = async (): Promise<void> => {
-    while (next < targets.length) {
+    // An aborted batch starts no further checks; the ones in flight end by their own timeout.
+    while (next < targets.length && !signal?.aborted) {
       const i = next++;
       const target = targets[i] as T;
       let result: ProxyCheckResult;
@@ -375,7 +377,7 @@ export async function checkMany<T>(
     }
   };
   await Promise.all(Array.from({ length: Math.min(limit, targets.length) }, () => worker()));
-  return out;
+  return signal?.aborted ? out.filter((x) => x !== undefined) : out;
 }
 
 /**

@@ -62,17 +62,21 @@ export function boundAllocationOf(store: Store, userId: string): Allocation | un
 }
 
 /**
- * Allocates ports of one pool. Must be used inside a Store transaction; it keeps
- * the pool's taken ports in memory so a bulk apply of 10,000 users stays linear.
+ * Allocates ports of one pool, inside a Store transaction. The first few allocations of a
+ * transaction ask SQLite directly (an API call creating one port costs a few index look-ups,
+ * however large the pool); from the ninth on, the pool's allocations are loaded into memory
+ * once, so a bulk apply of 10,000 users stays linear.
  *
- * Rules: a user holds at most one bound port (across pools) and gets it back on every
- * call; a released port cools down for `cooldownMs` before anyone else may take it,
- * but its previous user may reclaim it at any time.
+ * Rules: a user holds at most one bound port (across pools) and gets it back on every call;
+ * a released port cools down for `cooldownMs` before anyone else may take it, and its last
+ * user gets it back first, even after the cooldown, while nobody else has taken it.
  */
 export class PortAllocator {
-  private readonly taken = new Map<number, AllocationRow>();
+  private static readonly BULK_AFTER = 8;
+  private taken: Map<number, AllocationRow> | undefined;
   private readonly cooldownByUser = new Map<string, AllocationRow>();
   private cursor: number;
+  private calls = 0;
 
   constructor(
     private readonly store: Store,
@@ -82,10 +86,12 @@ export class PortAllocator {
     private readonly now: Date = new Date(),
   ) {
     this.cursor = range.min;
-    const rows = store.stmt('SELECT * FROM allocations WHERE pool = ?').all(pool) as AllocationRow[];
-    for (const row of rows) {
+  }
+
+  private load(): void {
+    this.taken = new Map();
+    for (const row of this.store.stmt('SELECT * FROM allocations WHERE pool = ?').all(this.pool) as AllocationRow[]) {
       if (row.state === 'cooldown') this.cooldownByUser.set(row.user_id, row);
-      // A cooled-down port is free for anyone, but its last user still gets it back first.
       if (row.state === 'cooldown' && this.cooledDown(row)) continue;
       this.taken.set(row.port, row);
     }
@@ -93,6 +99,22 @@ export class PortAllocator {
 
   private cooledDown(row: AllocationRow): boolean {
     return row.released_at !== null && Date.parse(row.released_at) + this.cooldownMs <= this.now.getTime();
+  }
+
+  /** Who holds the port (bound, or cooling down), if anyone. */
+  private holderOf(port: number): AllocationRow | undefined {
+    if (this.taken) return this.taken.get(port);
+    const row = this.store.stmt('SELECT * FROM allocations WHERE pool = ? AND port = ?').get(this.pool, port) as
+      | AllocationRow
+      | undefined;
+    return row && !(row.state === 'cooldown' && this.cooledDown(row)) ? row : undefined;
+  }
+
+  private previousPortOf(userId: string): AllocationRow | undefined {
+    if (this.taken) return this.cooldownByUser.get(userId);
+    return this.store
+      .stmt(`SELECT * FROM allocations WHERE pool = ? AND user_id = ? AND state = 'cooldown' ORDER BY released_at DESC LIMIT 1`)
+      .get(this.pool, userId) as AllocationRow | undefined;
   }
 
   allocate(userId: string, resourceName: string, requestedPort?: number): { port: number; created: boolean } {
@@ -111,38 +133,39 @@ export class PortAllocator {
         );
       }
       if (bound.resourceName !== resourceName) {
-        this.store.stmt('UPDATE allocations SET resource_name = ? WHERE pool = ? AND port = ?')
-          .run(resourceName, this.pool, bound.port);
+        this.store.stmt('UPDATE allocations SET resource_name = ? WHERE pool = ? AND port = ?').run(resourceName, this.pool, bound.port);
       }
       return { port: bound.port, created: false };
     }
+    if (++this.calls > PortAllocator.BULK_AFTER && !this.taken) this.load();
     let port: number;
     if (requestedPort !== undefined) {
       this.checkRequested(userId, requestedPort);
       port = requestedPort;
     } else {
-      const previous = this.cooldownByUser.get(userId);
-      const holder = previous ? this.taken.get(previous.port) : undefined;
+      const previous = this.previousPortOf(userId);
+      const holder = previous ? this.holderOf(previous.port) : undefined;
       port = previous && (!holder || holder.user_id === userId) ? previous.port : this.nextFree(userId);
     }
-    this.store.stmt(
+    const boundAt = this.now.toISOString();
+    this.store
+      .stmt(
         `INSERT INTO allocations (pool, port, user_id, resource_name, state, bound_at, released_at)
          VALUES (?, ?, ?, ?, 'bound', ?, NULL)
          ON CONFLICT (pool, port) DO UPDATE SET user_id = excluded.user_id, resource_name = excluded.resource_name,
            state = 'bound', bound_at = excluded.bound_at, released_at = NULL`,
       )
-      .run(this.pool, port, userId, resourceName, this.now.toISOString());
-    const row: AllocationRow = {
+      .run(this.pool, port, userId, resourceName, boundAt);
+    this.cooldownByUser.delete(userId);
+    this.taken?.set(port, {
       pool: this.pool,
       port,
       user_id: userId,
       resource_name: resourceName,
       state: 'bound',
-      bound_at: this.now.toISOString(),
+      bound_at: boundAt,
       released_at: null,
-    };
-    this.cooldownByUser.delete(userId);
-    this.taken.set(port, row);
+    });
     return { port, created: true };
   }
 
@@ -153,7 +176,7 @@ export class PortAllocator {
         `port ${port} is outside ProxyPool ${this.pool}'s range ${this.range.min}-${this.range.max}`,
       );
     }
-    const holder = this.taken.get(port);
+    const holder = this.holderOf(port);
     if (!holder || holder.user_id === userId) return;
     if (holder.state === 'bound') {
       throw new PortAllocationError('PORT_TAKEN', `port ${port} is already held by user ${holder.user_id}`);
@@ -166,11 +189,31 @@ export class PortAllocator {
   }
 
   private nextFree(userId: string): number {
-    const span = this.range.max - this.range.min + 1;
-    for (let i = 0; i < span; i++) {
-      const port = this.cursor;
-      this.cursor = port >= this.range.max ? this.range.min : port + 1;
-      if (!this.taken.has(port)) return port;
+    if (!this.taken) {
+      // The lowest free port: the range start or just above an allocated port (the start of a
+      // gap), or a port whose cooldown is over.
+      const cutoff = new Date(this.now.getTime() - this.cooldownMs).toISOString();
+      const row = this.store
+        .stmt(
+          `SELECT c.p AS port FROM (
+             SELECT @min AS p
+             UNION SELECT port + 1 FROM allocations WHERE pool = @pool AND port >= @min AND port < @max
+             UNION SELECT port FROM allocations WHERE pool = @pool AND state = 'cooldown' AND released_at <= @cutoff
+           ) c
+           WHERE c.p BETWEEN @min AND @max AND NOT EXISTS (
+             SELECT 1 FROM allocations a WHERE a.pool = @pool AND a.port = c.p
+             AND (a.state = 'bound' OR a.released_at > @cutoff))
+           ORDER BY c.p LIMIT 1`,
+        )
+        .get({ pool: this.pool, min: this.range.min, max: this.range.max, cutoff }) as { port: number } | undefined;
+      if (row) return row.port;
+    } else {
+      const span = this.range.max - this.range.min + 1;
+      for (let i = 0; i < span; i++) {
+        const port = this.cursor;
+        this.cursor = port >= this.range.max ? this.range.min : port + 1;
+        if (!this.taken.has(port)) return port;
+      }
     }
     throw new PortAllocationError(
       'POOL_EXHAUSTED',

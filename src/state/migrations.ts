@@ -60,6 +60,7 @@ CREATE TABLE allocations (
   PRIMARY KEY (pool, port)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX allocations_one_bound_port_per_user ON allocations (user_id) WHERE state = 'bound';
+CREATE INDEX allocations_by_user ON allocations (pool, user_id);
 
 CREATE TABLE snapshots (
   kind TEXT NOT NULL,

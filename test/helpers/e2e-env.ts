@@ -26,6 +26,12 @@ export const TOKEN = 'e2e-test-token-0123456789abcdef';
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Resolves with undefined after ms, without keeping the process alive (for Promise.race deadlines). */
+export const deadline = (ms: number): Promise<undefined> =>
+  new Promise((r) => {
+    setTimeout(() => r(undefined), ms).unref();
+  });
+
 /** Polls fn until it returns a truthy value or the deadline passes (then throws with `what`). */
 export async function waitFor<T>(what: string, fn: () => T | Promise<T>, timeoutMs = 15_000, intervalMs = 50): Promise<NonNullable<T>> {
   const deadline = Date.now() + timeoutMs;
@@ -56,14 +62,8 @@ export interface PoolOptions {
   portRange?: { min: number; max: number };
   healthCheck?: Record<string, unknown>;
   ipForward?: boolean;
-  /**
-   * `sorted` (default) writes spec.chains explicitly with its keys in sorted order. That works
-   * around a bug: ProxyPool admission compares chains with key-order-sensitive JSON.stringify
-   * against the stored (canonical, sorted) spec, so re-applying a pool whose chains come from
-   * the schema defaults (nat, postrouting, filter order) is refused as "chains are immutable".
-   * `omit` leaves chains to the defaults (the bundled example's shape).
-   */
-  chains?: 'sorted' | 'omit';
+  /** `omit` (default) leaves chains to the CRD defaults, as the bundled example does; `explicit` writes them out. */
+  chains?: 'omit' | 'explicit';
 }
 
 export interface UserOptions {
@@ -83,7 +83,7 @@ export function poolDoc(o: PoolOptions = {}): Record<string, unknown> {
       portRange: o.portRange ?? { min: 10001, max: 19999 },
       upstream: { host: o.host ?? '127.0.0.1', scheme: 'http' },
       destinationPorts: o.destinationPorts ?? [80, 443],
-      ...(o.chains === 'omit' ? {} : { chains: { filter: 'POLYDEV-PROXY-FWD', nat: 'POLYDEV-PROXY', postrouting: 'POLYDEV-PROXY-MASQ' } }),
+      ...(o.chains !== 'explicit' ? {} : { chains: { nat: 'POLYDEV-PROXY', postrouting: 'POLYDEV-PROXY-MASQ', filter: 'POLYDEV-PROXY-FWD' } }),
       ...(o.driftPolicy ? { driftPolicy: o.driftPolicy } : {}),
       ...(o.healthCheck ? { healthCheck: o.healthCheck } : {}),
       ...(o.ipForward !== undefined ? { ipForward: o.ipForward } : {}),
@@ -330,7 +330,7 @@ export function spawnChild(t: ExecutionContext, file: string, args: string[], en
     } catch {
       /* gone */
     }
-    await Promise.race([exited, sleep(5000)]);
+    await Promise.race([exited, deadline(5000)]);
   };
   t.teardown(kill);
   return { child, pid, stdout: () => out, stderr: () => err, exited, running: () => !done, kill };

@@ -265,7 +265,10 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     if (!run.desired || !run.observed) return {};
     const durationMs = +(performance.now() - run.observed.syncStartedAt).toFixed(1);
     this.metrics.iptablesSyncDuration.observe(durationMs / 1000);
-    const prev = run.resource.status?.ports as { healthy?: number; unhealthy?: number } | undefined;
+    // Read now, inside the status transaction: a health check may have finished during the run.
+    const prev = this.store.getStatus(this.kind, run.resource.metadata.name)?.ports as
+      | { healthy?: number; unhealthy?: number }
+      | undefined;
     return {
       upstreamIP: run.observed.upstreamIP,
       lastResolvedAt: run.observed.resolvedAt,
@@ -331,13 +334,15 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
       this.store.setStatus('ProxyPort', p.name, status);
       this.written.set(p.name, summary);
     }
-    for (const { phase, n } of this.store.stmt(
-      `SELECT phase, count(*) AS n FROM status WHERE kind = 'ProxyPort' GROUP BY phase`,
-    ).all() as Array<{ phase: string; n: number }>) {
-      if (phase === 'Ready') this.metrics.proxyPorts.set({ state: 'programmed' }, n);
-      else if (phase === 'Failed') this.metrics.proxyPorts.set({ state: 'failed' }, n);
-      else this.metrics.proxyPorts.set({ state: 'pending' }, n);
+    const counts = { programmed: 0, pending: 0, failed: 0 };
+    for (const { phase, n } of this.store
+      .stmt(`SELECT phase, count(*) AS n FROM status WHERE kind = 'ProxyPort' GROUP BY phase`)
+      .all() as Array<{ phase: string; n: number }>) {
+      if (phase === 'Ready') counts.programmed += n;
+      else if (phase === 'Failed') counts.failed += n;
+      else counts.pending += n;
     }
+    for (const [state, n] of Object.entries(counts)) this.metrics.proxyPorts.set({ state }, n);
   }
 
   requeueAfterMs(run: SettledRun<PoolDesired, PoolObserved>): number | undefined {

@@ -58,7 +58,8 @@ export class ProxyHealthChecker {
   private readonly lastRun = new Map<string, number>();
   private readonly running = new Set<string>();
   private stopping = false;
-  private current: Promise<unknown> = Promise.resolve();
+  private readonly abort = new AbortController();
+  private readonly inFlight = new Set<Promise<unknown>>();
 
   constructor(
     private readonly store: Store,
@@ -72,10 +73,22 @@ export class ProxyHealthChecker {
     this.timer.unref();
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Starts no further checks and waits for the ones in flight for at most graceMs: an upstream
+   * that accepts and never answers must not hold up a shutdown. Late results are dropped.
+   */
+  async stop(graceMs = 1000): Promise<void> {
     this.stopping = true;
+    this.abort.abort();
     if (this.timer) clearInterval(this.timer);
-    await this.current.catch(() => undefined);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.allSettled([...this.inFlight]),
+      new Promise((r) => {
+        timer = setTimeout(r, graceMs);
+      }),
+    ]);
+    if (timer) clearTimeout(timer);
   }
 
   private async tick(): Promise<void> {
@@ -87,16 +100,25 @@ export class ProxyHealthChecker {
       const last = this.lastRun.get(name) ?? 0;
       if (Date.now() - last < parseDuration(hc.interval)) continue;
       this.lastRun.set(name, Date.now());
-      const run = this.check({ pool: name }).catch((err: Error) =>
-        this.logger.warn('periodic health check failed', { pool: name, error: err.message }),
-      );
-      this.current = run;
-      await run;
+      await this.check({ pool: name }).catch((err: Error) => {
+        if (!this.stopping) this.logger.warn('periodic health check failed', { pool: name, error: err.message });
+      });
     }
   }
 
   /** Checks ports: all programmed ports (of one pool), or the given users. */
   async check(filter: { pool?: string; userIds?: string[] } = {}): Promise<CheckSummary> {
+    const run = this.runCheck(filter);
+    this.inFlight.add(run);
+    try {
+      return await run;
+    } finally {
+      this.inFlight.delete(run);
+    }
+  }
+
+  private async runCheck(filter: { pool?: string; userIds?: string[] }): Promise<CheckSummary> {
+    if (this.stopping) throw new Error('the health checker is stopping');
     const targets = this.targets(filter);
     const pools = [...new Set(targets.map((t) => t.pool))];
     for (const p of pools) this.running.add(p);
@@ -121,7 +143,8 @@ export class ProxyHealthChecker {
         });
         if (result.latencyMs !== null) this.metrics.proxyPortCheckDuration.observe(result.latencyMs / 1000);
         return result;
-      });
+      }, this.abort.signal);
+      if (this.stopping) throw new Error('the health checker stopped during the check; results dropped');
       return this.record(checked);
     } finally {
       for (const p of pools) this.running.delete(p);
