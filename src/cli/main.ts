@@ -76,6 +76,12 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     if (!kind) throw new CliError(`unknown kind "${name}" (known: ${[...validator().kinds.keys()].join(', ')})`);
     return kind;
   };
+  const mustGet = (store: Store, kindName: string, name: string): StoredResource => {
+    const kind = kindArg(kindName);
+    const r = store.getResource(kind, name);
+    if (!r) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+    return r;
+  };
   const action =
     <A extends unknown[]>(fn: (...args: A) => Promise<number | void> | number | void) =>
     async (...args: A) => {
@@ -151,12 +157,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
       action((kindName: string, name: string | undefined, opts: { output: OutputFormat }) =>
         withStore((store) => {
           const kind = kindArg(kindName);
-          let resources: StoredResource[];
-          if (name) {
-            const r = store.getResource(kind, name);
-            if (!r) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
-            resources = [r];
-          } else resources = store.listResources(kind);
+          const resources = name ? [mustGet(store, kind, name)] : store.listResources(kind);
           if (resources.length === 0 && (opts.output === 'table' || opts.output === 'wide')) {
             io.err(`no ${kind} resources`);
             return EXIT.OK;
@@ -175,10 +176,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     .action(
       action((kindName: string, name: string) =>
         withStore((store) => {
-          const kind = kindArg(kindName);
-          const r = store.getResource(kind, name);
-          if (!r) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
-          io.out(describe(r, store));
+          io.out(describe(mustGet(store, kindName, name), store));
           return EXIT.OK;
         }),
       ),
@@ -278,8 +276,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     .action(
       action((kindName: string, name: string) =>
         withStore((store) => {
-          const kind = kindArg(kindName);
-          if (!store.getResource(kind, name)) throw new CliError(`${kind} "${name}" not found`, EXIT.PROBLEMS);
+          const { kind } = mustGet(store, kindName, name);
           store.requestDeletion(kind, name);
           io.out(`${kind.toLowerCase()}/${name} deleted (the daemon tears down what it owns, then removes it)`);
           return EXIT.OK;

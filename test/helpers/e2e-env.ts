@@ -6,6 +6,7 @@
 // every daemon and every CLI run gets iptables.netns / POLYDEV_IPTABLES_NETNS.
 
 import type { ExecutionContext } from 'ava';
+import { trackChild, untrackChild } from './reaper.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -284,29 +285,12 @@ export interface Child {
   kill(): Promise<void>;
 }
 
-const liveChildren = new Set<ChildProcess>();
-let exitHook = false;
-function installExitHook(): void {
-  if (exitHook) return;
-  exitHook = true;
-  process.on('exit', () => {
-    for (const c of liveChildren) {
-      try {
-        if (c.pid !== undefined) process.kill(c.pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  });
-}
-
 /** Spawns a process (argument array, no shell); killed by PID in teardown if still running. */
 export function spawnChild(t: ExecutionContext, file: string, args: string[], env: NodeJS.ProcessEnv): Child {
-  installExitHook();
   const child = spawn(file, args, { env, cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
   if (child.pid === undefined) throw new Error(`cannot spawn ${file}`);
   const pid = child.pid;
-  liveChildren.add(child);
+  trackChild(child);
   let out = '';
   let err = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => {
@@ -319,7 +303,7 @@ export function spawnChild(t: ExecutionContext, file: string, args: string[], en
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null; at: number }>((resolve) => {
     child.once('close', (code, signal) => {
       done = true;
-      liveChildren.delete(child);
+      untrackChild(child);
       resolve({ code, signal, at: Date.now() });
     });
   });
@@ -342,10 +326,9 @@ export async function runBin(
   env: NodeJS.ProcessEnv,
   timeoutMs = 60_000,
 ): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number }> {
-  installExitHook();
   const started = Date.now();
   const child = spawn(process.execPath, [BIN, ...args], { env, cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  liveChildren.add(child);
+  trackChild(child);
   let stdout = '';
   let stderr = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -361,7 +344,7 @@ export async function runBin(
     child.once('close', (c, s) => resolve({ code: c, signal: s }));
   });
   clearTimeout(timer);
-  liveChildren.delete(child);
+  untrackChild(child);
   return { code, signal, stdout, stderr, ms: Date.now() - started };
 }
 

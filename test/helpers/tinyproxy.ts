@@ -1,7 +1,8 @@
 // Runs a real Debian tinyproxy (1.11.x) for tests: private config, log and pid
 // file in a fresh temp dir, foreground child process (-d), stopped by PID.
 
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { trackChild, untrackChild } from './reaper.js';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -41,22 +42,6 @@ const KILL_GRACE_MS = 2000;
 // field (case-insensitive); anything else makes the config line a syntax error.
 const BASIC_AUTH_FIELD = /^[-A-Za-z0-9._]+$/;
 
-/** Children still running, killed synchronously if the test process exits without stop(). */
-const live = new Set<ChildProcess>();
-let exitHookInstalled = false;
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on('exit', () => {
-    for (const c of live) {
-      try {
-        c.kill('SIGKILL');
-      } catch {
-        /* ignore */
-      }
-    }
-  });
-}
 
 export async function freePort(host = '127.0.0.1'): Promise<number> {
   return new Promise<number>((resolve, reject) => {
@@ -122,9 +107,8 @@ export async function startTinyproxy(opts: TinyproxyOptions): Promise<Tinyproxy>
   ];
   await writeFile(confFile, lines.join('\n'), { mode: 0o600 });
 
-  installExitHook();
   const child = spawn(TINYPROXY_BIN, ['-d', '-c', confFile], { stdio: ['ignore', 'ignore', 'pipe'] });
-  live.add(child);
+  trackChild(child);
   let stderr = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (d: string) => {
@@ -134,12 +118,12 @@ export async function startTinyproxy(opts: TinyproxyOptions): Promise<Tinyproxy>
   const exitPromise = new Promise<void>((resolve) => {
     child.once('exit', () => {
       exited = true;
-      live.delete(child);
+      untrackChild(child);
       resolve();
     });
     child.once('error', () => {
       exited = true;
-      live.delete(child);
+      untrackChild(child);
       resolve();
     });
   });
