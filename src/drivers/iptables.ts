@@ -305,7 +305,16 @@ export class IptablesDriver {
     this.stats.sysctlWrites++;
     const v = on ? '1' : '0';
     if (this.netns === undefined) {
-      await writeFile('/proc/sys/net/ipv4/ip_forward', `${v}\n`);
+      try {
+        await writeFile('/proc/sys/net/ipv4/ip_forward', `${v}\n`);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        // The file is root's; CAP_NET_ADMIN alone does not open it (non-root systemd unit, container).
+        throw new Error(
+          `cannot set net.ipv4.ip_forward=${v} (${code ?? 'error'}): run as root, or set it on the host ` +
+            `(/etc/sysctl.d) and keep it there, or set the ProxyPool's ipForward: false`,
+        );
+      }
       return;
     }
     const res = await this.run('sysctl', ['-w', `net.ipv4.ip_forward=${v}`], null);
