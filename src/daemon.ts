@@ -145,8 +145,8 @@ export class Daemon {
     this.stopped = true;
     const started = Date.now();
     this.watcher?.stop();
-    await this.api?.close();
-    await this.health?.stop();
+    // Health checks first: an API check waiting on a silent upstream must not hold the close.
+    await Promise.all([this.health?.stop(), this.api?.close()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
     this.lease?.release();
     this.store?.close();

@@ -231,6 +231,27 @@ test('--prune requests deletion of applied resources no longer in the directory,
   for (const u of ['user-0', 'user-1', 'user-2']) t.is(store.getResource('ProxyPort', u)!.metadata.deletionTimestamp, undefined, u);
 });
 
+test('--prune only deletes what was applied from the same path: another file\'s resources survive', (t) => {
+  const { store } = openStore(t);
+  const dir = tempDir(t);
+  const elsewhere = tempDir(t);
+  writeFiles(dir, { 'pool.yaml': poolYaml('default'), 'ports.yaml': docs(...users(3)) });
+  t.true(apply(store, dir).ok);
+  // An operator applies one more port from a file outside the directory.
+  const [other] = writeFiles(elsewhere, { 'extra.yaml': portYaml('extra', { userId: 'extra', sourceIP: '10.9.0.1' }) });
+  t.true(apply(store, other!).ok);
+  // The directory drops user-2; its prune must not take the other file's port along.
+  fs.writeFileSync(path.join(dir, 'ports.yaml'), docs(...users(2)));
+  const result = apply(store, dir, { prune: true });
+  t.true(result.ok, result.problems.map(formatProblem).join('\n'));
+  t.deepEqual(result.pruned, ['ProxyPort/user-2']);
+  t.is(store.getResource('ProxyPort', 'extra')!.metadata.deletionTimestamp, undefined);
+  // And the other way round: pruning from the single file leaves the directory's ports alone.
+  const back = apply(store, other!, { prune: true });
+  t.true(back.ok);
+  t.deepEqual(back.pruned, []);
+});
+
 test('a prune that would delete more than maxPrune of a kind is refused, names the resources, and changes nothing', async (t) => {
   const { store, file: db } = openStore(t);
   seedPool(t, store);

@@ -42,7 +42,8 @@ export function publicResource(r: StoredResource): Record<string, unknown> {
 }
 
 export function buildApi(deps: ApiDeps): FastifyInstance {
-  const app = Fastify({ logger: false, bodyLimit: 64 * 1024 });
+  // forceCloseConnections: a shutdown does not wait for keep-alive clients or slow requests.
+  const app = Fastify({ logger: false, bodyLimit: 64 * 1024, forceCloseConnections: true });
   const { store, metrics, manager } = deps;
 
   const requireToken = async (req: FastifyRequest) => {
@@ -117,7 +118,8 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
   });
   app.get('/api/v1/proxyports/:userId', async (req) => {
     const { userId } = req.params as { userId: string };
-    const res = findPortByUser(store, userId);
+    // By user first (the documented route); a ProxyPort's own name works too (the generic route).
+    const res = findPortByUser(store, userId) ?? store.getResource('ProxyPort', userId);
     if (!res) throw new ApiError(404, 'NOT_FOUND', `user ${userId} has no ProxyPort`);
     return publicResource(res as unknown as StoredResource);
   });

@@ -9,7 +9,7 @@ import { HealthCheckError, ProxyHealthChecker } from '../controllers/proxyport/h
 import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
 import { ADMISSIONS, createValidator } from '../controllers/registry.js';
 import { Daemon } from '../daemon.js';
-import { AdmissionError, applyPath } from '../desired/apply.js';
+import { AdmissionError, appliedFrom, applyPath } from '../desired/apply.js';
 import { resolveKindName } from '../desired/kinds.js';
 import { formatProblem, type DesiredStateValidator } from '../desired/validate.js';
 import { IptablesDriver } from '../drivers/iptables.js';
@@ -218,7 +218,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
             const kinds = new Set(loaded.resources.map((r) => r.kind));
             for (const kind of kinds) {
               for (const s of store.listResources(kind)) {
-                if (s.source !== 'apply' || seen.has(`${kind}/${s.metadata.name}`) || s.metadata.deletionTimestamp) continue;
+                if (s.source !== 'apply' || !appliedFrom(s.sourceFile, opts.filename) || seen.has(`${kind}/${s.metadata.name}`) || s.metadata.deletionTimestamp) continue;
                 differences++;
                 io.out(`--- ${kind}/${s.metadata.name} (would be pruned)`);
               }

@@ -1,3 +1,4 @@
+import path from 'node:path';
 import type { Store } from '../state/store.js';
 import type { JsonObject, ResourceSource } from '../state/types.js';
 import { formatPath, type DesiredResource, type DesiredStateValidator, type LoadResult, type Problem } from './validate.js';
@@ -127,7 +128,7 @@ export function applyLoaded(
           annotations: r.annotations,
           spec: r.spec,
           source: options.source ?? 'apply',
-          sourceFile: r.file,
+          sourceFile: path.resolve(r.file),
         });
         const id = `${r.kind}/${r.name}`;
         if (out.created) result.created.push(id);
@@ -135,7 +136,7 @@ export function applyLoaded(
         else result.unchanged.push(id);
       }
       if (result.problems.length > 0) throw new Rollback();
-      if (options.prune) prune(store, loaded.resources, options, result);
+      if (options.prune) prune(store, loaded.resources, target, options, result);
       if (result.problems.length > 0 || options.dryRun) throw new Rollback();
     });
   } catch (err) {
@@ -145,18 +146,33 @@ export function applyLoaded(
   return result;
 }
 
-function prune(store: Store, applied: DesiredResource[], options: ApplyOptions, result: ApplyResult): void {
+/** Whether a resource was applied from the file or directory now being applied. */
+export function appliedFrom(sourceFile: string | undefined, target: string): boolean {
+  if (!sourceFile) return false;
+  const root = path.resolve(target);
+  return sourceFile === root || sourceFile.startsWith(root + path.sep);
+}
+
+function prune(store: Store, applied: DesiredResource[], target: string, options: ApplyOptions, result: ApplyResult): void {
   const maxPrune = options.maxPrune ?? 0.5;
   const keep = new Set(applied.map((r) => `${r.kind}/${r.name}`));
   const kinds = [...new Set(applied.map((r) => r.kind))];
   const doomed: string[] = [];
   const createdNow = new Set(result.created);
   for (const kind of kinds) {
-    // Only what an apply created is pruned: resources made through the API belong to their callers.
+    // Only what an apply created is pruned: resources made through the API belong to their callers,
     // The share is of what existed before this apply: replacing every resource is 100%, not 50%.
     const candidates = store
       .listResources(kind)
-      .filter((r) => r.source === 'apply' && !r.metadata.deletionTimestamp && !createdNow.has(`${kind}/${r.metadata.name}`));
+      // Only what was applied from this same path: `apply -f other.yaml` and the watched directory
+      // never prune each other's resources.
+      .filter(
+        (r) =>
+          r.source === 'apply' &&
+          appliedFrom(r.sourceFile, target) &&
+          !r.metadata.deletionTimestamp &&
+          !createdNow.has(`${kind}/${r.metadata.name}`),
+      );
     const gone = candidates.filter((r) => !keep.has(`${kind}/${r.metadata.name}`));
     if (gone.length === 0) continue;
     const share = gone.length / candidates.length;

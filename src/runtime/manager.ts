@@ -155,7 +155,15 @@ export class Manager {
 
   /** Enqueues every key: drift that no watch reports is found here. */
   resync(): void {
-    for (const k of this.syncKeys()) this.queue.add(k);
+    // A key waiting out a backoff keeps waiting: resync is for drift, not for retrying sooner.
+    const now = Date.now();
+    const backingOff = new Set(
+      this.opts.store
+        .listBackoff()
+        .filter((b) => b.nextAttemptAt > now)
+        .map((b) => key(b.kind, b.name)),
+    );
+    for (const k of this.syncKeys()) if (!backingOff.has(k)) this.queue.add(k);
   }
 
   /** Every key, less those a controller says converge through another key (see resyncNames). */
@@ -283,6 +291,9 @@ export class Manager {
     let observed: unknown;
     let actions: unknown[] = [];
     let fingerprint = '';
+    // The side effect in flight, if any: a run that times out waits for it before the key is
+    // released, so two restores for one key never overlap.
+    let inFlight: Promise<unknown> = Promise.resolve();
     const lastFingerprint = resource.status?.desiredFingerprint as string | undefined;
     const machine = convergenceMachine.provide({
       actors: {
@@ -299,10 +310,14 @@ export class Manager {
           };
         }),
         execute: fromExecute(async () => {
-          await c.execute(desired, observed, actions);
+          const p = c.execute(desired, observed, actions);
+          inFlight = p.catch(() => undefined);
+          await p;
         }),
         teardown: fromExecute(async () => {
-          await c.teardown(resource);
+          const p = c.teardown(resource);
+          inFlight = p.catch(() => undefined);
+          await p;
         }),
       },
     });
@@ -320,6 +335,8 @@ export class Manager {
       });
     } catch (err) {
       actor.stop();
+      // (At shutdown there is no next run to overlap with: the restore finishes or dies with us.)
+      if (!signal.aborted) await Promise.race([inFlight, new Promise((r) => setTimeout(r, 60_000).unref())]);
       // Abandoned (shutdown) or stuck: the last settled snapshot stays, the next run starts afresh.
       const reason = signal.aborted ? 'abandoned at shutdown' : (err as Error).message;
       logger.warn('reconcile did not settle', { resource: key(c.kind, name), reason });

@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import os from 'node:os';
 import { randomUUID } from 'node:crypto';
 import type { Store } from './store.js';
@@ -23,6 +24,20 @@ interface LeaseRow {
   hostname: string;
   acquired_at: string;
   renewed_at: number;
+}
+
+/**
+ * The host and PID namespace: a pid only means something within its namespace, and
+ * host-network containers share the hostname but not the pids.
+ */
+function hostIdentity(): string {
+  let pidns = '';
+  try {
+    pidns = fs.readlinkSync('/proc/self/ns/pid');
+  } catch {
+    pidns = 'unknown';
+  }
+  return `${os.hostname()} ${pidns}`;
 }
 
 function processAlive(pid: number): boolean {
@@ -51,7 +66,7 @@ export class Lease {
   ) {}
 
   acquire(): void {
-    const hostname = os.hostname();
+    const hostname = hostIdentity();
     this.store.transaction(() => {
       const row = this.store.stmt('SELECT * FROM leases WHERE name = ?').get(this.name) as LeaseRow | undefined;
       if (row && row.holder !== this.holder) {

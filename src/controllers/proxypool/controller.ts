@@ -291,6 +291,11 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   commit(run: SettledRun<PoolDesired, PoolObserved>): void {
     if (run.state === 'Deleted') {
       this.written.clear();
+      // The ports lose their pool: their own controller reports PoolNotFound (or finishes a
+      // deletion) now, not at the next resync.
+      for (const p of run.desired?.ports ?? loadPoolDesired(this.store, run.resource).ports) {
+        this.ctx?.enqueue('ProxyPort', p.name);
+      }
       return;
     }
     const desired = run.desired ?? loadPoolDesired(this.store, run.resource);
@@ -298,8 +303,10 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     const now = new Date().toISOString();
     for (const p of desired.ports) {
       if (p.deleting) {
-        if (run.observed && run.changes === 0) {
-          // Finalizer: the pool converged without this user's rule, so the port may go.
+        // Finalizer: the pool converged without this user's rule, so the port may go; but only
+        // if it is still the same resource and still being deleted (an apply during the run may
+        // have brought it back, and then its rule is simply added on the next run).
+        if (run.observed && run.changes === 0 && this.stillDeleting(p)) {
           releasePort(this.store, p.userId, p.name);
           this.store.removeResource('ProxyPort', p.name);
           this.written.delete(p.name);
@@ -343,6 +350,14 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
       else counts.pending += n;
     }
     for (const [state, n] of Object.entries(counts)) this.metrics.proxyPorts.set({ state }, n);
+  }
+
+  private stillDeleting(p: PortDesired): boolean {
+    return (
+      this.store
+        .stmt(`SELECT 1 FROM resources WHERE kind = 'ProxyPort' AND name = ? AND uid = ? AND deletion_requested_at IS NOT NULL`)
+        .get(p.name, p.uid) !== undefined
+    );
   }
 
   requeueAfterMs(run: SettledRun<PoolDesired, PoolObserved>): number | undefined {

@@ -387,12 +387,15 @@ export function renderForwardRules(pool: string, upstreamIP: string, portRange: 
   assertIPv4(upstreamIP, 'upstream IP');
   assertPortRange(portRange);
   const r = rangeText(portRange);
-  const h1 = ruleHash(['forward-to-upstream', pool, upstreamIP, r]);
-  const h2 = ruleHash(['forward-from-upstream', pool, upstreamIP, r]);
+  // Only connections our DNAT rules made (`--ctstate DNAT`, both directions) are accepted:
+  // a VM connecting straight to upstream:<another user's port> gets no help from these rules
+  // and stays subject to the FORWARD policy.
+  const h1 = ruleHash(['forward-to-upstream', pool, upstreamIP, r, 'ctstate-dnat']);
+  const h2 = ruleHash(['forward-from-upstream', pool, upstreamIP, r, 'ctstate-dnat']);
   return [
-    `-d ${upstreamIP}/32 -p tcp -m tcp --dport ${r}` +
+    `-d ${upstreamIP}/32 -p tcp -m tcp --dport ${r} -m conntrack --ctstate DNAT` +
       ` -m comment --comment "${OWNER_PREFIX}${h1} pool:${pool} forward-to-upstream" -j ACCEPT`,
-    `-s ${upstreamIP}/32 -p tcp -m tcp --sport ${r}` +
+    `-s ${upstreamIP}/32 -p tcp -m tcp --sport ${r} -m conntrack --ctstate DNAT` +
       ` -m comment --comment "${OWNER_PREFIX}${h2} pool:${pool} forward-from-upstream" -j ACCEPT`,
   ];
 }

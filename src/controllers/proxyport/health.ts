@@ -108,13 +108,23 @@ export class ProxyHealthChecker {
 
   /** Checks ports: all programmed ports (of one pool), or the given users. */
   async check(filter: { pool?: string; userIds?: string[] } = {}): Promise<CheckSummary> {
-    const run = this.runCheck(filter);
+    // One batch at a time: two overlapping batches would each count a failure for the same
+    // port and make it unhealthy after half of failureThreshold.
+    const run = this.queueBehind(() => this.runCheck(filter));
     this.inFlight.add(run);
     try {
       return await run;
     } finally {
       this.inFlight.delete(run);
     }
+  }
+
+  private tail: Promise<unknown> = Promise.resolve();
+
+  private queueBehind<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(fn, fn);
+    this.tail = run.catch(() => undefined);
+    return run;
   }
 
   private async runCheck(filter: { pool?: string; userIds?: string[] }): Promise<CheckSummary> {
