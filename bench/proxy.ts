@@ -186,8 +186,9 @@ function tokenize(spec: string): string[] {
 }
 
 /**
- * Peak RSS (VmHWM) of the real daemon, the compiled build as deployed, serving its API: it
- * converges 10,000 stored ports from an empty chain, then repairs a flushed chain, then is read.
+ * Peak RSS (VmHWM) of the real daemon, the compiled build as deployed, serving its API, over
+ * about 25 s: it converges 10,000 stored ports from an empty chain, resyncs every 2 s for 10 s,
+ * repairs a chain flushed by hand, resyncs for another 10 s, and then its high-water mark is read.
  */
 export async function daemonPeakRss(backend: 'nft' | 'legacy', users: number, nodeOptions: string): Promise<number> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pdbench-rss-'));
@@ -226,6 +227,9 @@ export async function daemonPeakRss(backend: 'nft' | 'legacy', users: number, no
       }
     };
     await waitProgrammed();
+    // Steady state: a few no-op resyncs (every 2 s), where a long-running daemon's memory creeps
+    // if anything per pass is kept or promoted.
+    await new Promise((r) => setTimeout(r, 10_000));
     // Flush the chain by hand and let the next resync (every 2 s) repair all 10,000 rules.
     const bin = findExecutable(backend === 'nft' ? 'iptables-nft' : 'iptables-legacy')!;
     spawnSync(IP, ['netns', 'exec', netns, bin, '-t', 'nat', '-F', 'POLYDEV-PROXY']);
@@ -237,6 +241,7 @@ export async function daemonPeakRss(backend: 'nft' | 'legacy', users: number, no
       if (!repaired) await new Promise((r) => setTimeout(r, 200));
     }
     if (!repaired) throw new Error('the flushed chain was not repaired within 60 s');
+    await new Promise((r) => setTimeout(r, 10_000));
     const status = fs.readFileSync(`/proc/${child.pid}/status`, 'utf8');
     const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
     if (!hwm) throw new Error('no VmHWM');
@@ -292,7 +297,7 @@ export async function runProxyBench(runs = 5): Promise<{ figures: BenchFigure[];
       { backend, name: 'no-op resync with 10,000 rules', value: median(steady.noopMs), unit: 'ms', goal: '< 200 ms', met: median(steady.noopMs) < 200 },
       { backend, name: '  iptables writes during no-op resyncs', value: steady.noopWrites, unit: 'count', goal: '0', met: steady.noopWrites === 0 },
       { backend, name: 'repair one hand-deleted rule among 10,000', value: median(steady.repairMs), unit: 'ms', goal: '< 500 ms', met: median(steady.repairMs) < 500 },
-      { backend, name: 'daemon peak RSS, 10,000 ports (converge + full repair)', value: median(rss), unit: 'MB', goal: '< 150 MB', met: median(rss) < 150 },
+      { backend, name: 'daemon peak RSS, 10,000 ports (converge, resyncs, full repair)', value: median(rss), unit: 'MB', goal: '< 150 MB', met: median(rss) < 150 },
       { backend, name: '  same with NODE_OPTIONS=--max-semi-space-size=2', value: median(rssSmallYoung), unit: 'MB', goal: '< 150 MB', met: median(rssSmallYoung) < 150 },
     );
   }

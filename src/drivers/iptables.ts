@@ -120,7 +120,9 @@ export class IptablesCommandError extends Error {
 }
 
 export interface RunResult {
-  stdout: string;
+  /** Decoded on first access: a caller that only needs the bytes never builds the string. */
+  readonly stdout: string;
+  stdoutBuffer: Buffer;
   stderr: string;
   exitCode: number | null;
   signal: NodeJS.Signals | null;
@@ -173,8 +175,13 @@ export function runProcess(
       if (settled) return;
       settled = true;
       clearTimeout(timer);
+      const stdoutBuffer = Buffer.concat(out);
+      let decoded: string | undefined;
       resolve({
-        stdout: Buffer.concat(out).toString('utf8'),
+        get stdout() {
+          return (decoded ??= stdoutBuffer.toString('utf8'));
+        },
+        stdoutBuffer,
         stderr: Buffer.concat(err).toString('utf8'),
         exitCode: code,
         signal,
@@ -256,10 +263,15 @@ export class IptablesDriver {
 
   /** `iptables-save` of all tables, in one process. */
   async save(): Promise<string> {
+    return (await this.saveRaw()).toString('utf8');
+  }
+
+  /** `iptables-save` of all tables, as the bytes it printed. */
+  async saveRaw(): Promise<Buffer> {
     this.stats.saves++;
     const res = await this.run(this.names.save, [], null);
     if (res.exitCode !== 0 || res.timedOut) this.fail(this.names.save, res);
-    return res.stdout;
+    return res.stdoutBuffer;
   }
 
   /**

@@ -27,6 +27,7 @@ import {
   type SimpleController,
 } from './controller.js';
 import { backoffDelay, DEFAULT_BACKOFF, WorkQueue, type BackoffPolicy } from './queue.js';
+import { relieveMemoryAfterBurst } from '../util/memory.js';
 
 export interface ManagerOptions {
   store: Store;
@@ -244,8 +245,11 @@ export class Manager {
         if (abort) this.inFlight.delete(k);
       }
     } finally {
+      const seconds = (performance.now() - started) / 1000;
       this.opts.metrics.reconcileTotal.inc({ kind, result });
-      this.opts.metrics.reconcileDuration.observe({ kind }, (performance.now() - started) / 1000);
+      this.opts.metrics.reconcileDuration.observe({ kind }, seconds);
+      // A long reconcile (a pool of thousands of rules) leaves a burst of garbage behind.
+      if (seconds > 0.05) relieveMemoryAfterBurst();
     }
   }
 
@@ -310,7 +314,11 @@ export class Manager {
           };
         }),
         execute: fromExecute(async () => {
-          const p = c.execute(desired, observed, actions);
+          // The observation that made the plan is not needed past this point (Verifying makes a
+          // new one); dropping it lets a 10,000-rule parse be collected while the restore runs.
+          const obs = observed;
+          observed = undefined;
+          const p = c.execute(desired, obs, actions);
           inFlight = p.catch(() => undefined);
           await p;
         }),

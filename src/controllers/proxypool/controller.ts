@@ -51,6 +51,27 @@ export interface PoolObserved {
   syncStartedAt: number;
 }
 
+/**
+ * A digest of an iptables-save without its comment lines (they carry the time of the save), taken
+ * over the bytes in place: telling an unchanged ruleset apart costs no 2 MB string per resync.
+ */
+export function saveDigest(saved: Buffer): string {
+  const h = createHash('sha1');
+  let pos = 0;
+  while (pos < saved.length) {
+    if (saved[pos] === 0x23 /* # */) {
+      const eol = saved.indexOf(0x0a, pos);
+      pos = eol < 0 ? saved.length : eol + 1;
+      continue;
+    }
+    const comment = saved.indexOf('\n#', pos);
+    const end = comment < 0 ? saved.length : comment + 1;
+    h.update(saved.subarray(pos, end));
+    pos = end;
+  }
+  return h.digest('hex');
+}
+
 /** The rule set for a pool once its upstream address is known: pure. */
 export function ruleSetOf(desired: PoolDesired, upstreamIP: string): PoolRuleSet {
   return {
@@ -125,7 +146,11 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   private readonly resolved = new Map<string, { host: string; ip: string; at: number }>();
   /** What this process last wrote to each ProxyPort's status (its summary), to skip unchanged writes. */
   private readonly written = new Map<string, string>();
-  private readonly programmedCache = new WeakMap<PoolObserved, Set<string>>();
+  private readonly programmedCache = new WeakMap<ObservedPoolRules, { desired: PoolDesired; changes: number; set: Set<string> }>();
+  private readonly lastRules = new Map<string, { digest: string; ipForward: boolean; chains: ProxyPoolSpec['chains']; rules: ObservedPoolRules }>();
+  private readonly planMemo = new WeakMap<ObservedPoolRules, { desired: PoolDesired; upstreamIP: string; actions: RuleAction[] }>();
+  /** The inputs of the last port-status pass per pool: an identical pass writes nothing and is skipped. */
+  private readonly lastCommit = new Map<string, { desired: PoolDesired; programmed: Set<string>; state: string; lastError: string | null; upstreamIP: string | undefined }>();
   private readonly fingerprints = new WeakMap<PoolDesired, string>();
   private readonly desiredCache = new Map<string, { seq: number; uid: string; desired: PoolDesired }>();
   private ctx: ControllerContext | undefined;
@@ -179,9 +204,23 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   async observe(desired: PoolDesired): Promise<PoolObserved> {
     const syncStartedAt = performance.now();
     const { ip, at } = await this.upstreamAddress(desired);
-    const [text, ipForward] = await Promise.all([this.iptables.save(), this.iptables.getIpForward()]);
-    const rules = observePool(parseIptablesSave(text), desired.spec.chains, ipForward);
-    return { upstreamIP: ip, resolvedAt: new Date(at).toISOString(), rules, syncStartedAt };
+    const [saved, ipForward] = await Promise.all([this.iptables.saveRaw(), this.iptables.getIpForward()]);
+    return { upstreamIP: ip, resolvedAt: new Date(at).toISOString(), rules: this.observeRules(desired, saved, ipForward), syncStartedAt };
+  }
+
+  /**
+   * The parsed view of a save. A resync usually finds exactly the ruleset it found last time:
+   * then the last parse is reused (same object), and so are the plan and the port statuses
+   * derived from it, so a no-op resync of 10,000 rules allocates almost nothing beyond the
+   * save's text: a daemon's memory stays flat however long it runs.
+   */
+  private observeRules(desired: PoolDesired, saved: Buffer, ipForward: boolean): ObservedPoolRules {
+    const digest = saveDigest(saved);
+    const last = this.lastRules.get(desired.name);
+    if (last && last.digest === digest && last.ipForward === ipForward && last.chains === desired.spec.chains) return last.rules;
+    const rules = observePool(parseIptablesSave(saved.toString('utf8')), desired.spec.chains, ipForward);
+    this.lastRules.set(desired.name, { digest, ipForward, chains: desired.spec.chains, rules });
+    return rules;
   }
 
   /** Resolved at most once per resolveInterval; a failed lookup keeps the last good address. */
@@ -210,7 +249,12 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   }
 
   plan(desired: PoolDesired, observed: PoolObserved): RuleAction[] {
-    return planPool(desired, observed);
+    // Pure, so memoised on its inputs' identities (both are reused while nothing changes).
+    const memo = this.planMemo.get(observed.rules);
+    if (memo && memo.desired === desired && memo.upstreamIP === observed.upstreamIP) return memo.actions;
+    const actions = planPool(desired, observed);
+    this.planMemo.set(observed.rules, { desired, upstreamIP: observed.upstreamIP, actions });
+    return actions;
   }
 
   describe(action: RuleAction): string {
@@ -243,6 +287,8 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     const left = planPoolTeardown(spec.chains, after);
     if (left.length > 0) throw new Error(`teardown incomplete: ${left.map(describeAction).join('; ')}`);
     this.resolved.delete(resource.metadata.name);
+    this.lastRules.delete(resource.metadata.name);
+    this.lastCommit.delete(resource.metadata.name);
     this.written.clear();
   }
 
@@ -253,11 +299,11 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
    */
   private programmed(run: SettledRun<PoolDesired, PoolObserved>): Set<string> {
     if (!run.desired || !run.observed) return new Set();
-    const cached = this.programmedCache.get(run.observed);
-    if (cached) return cached;
-    const set = ruleSetOf(run.desired, run.observed.upstreamIP);
-    const out = run.changes === 0 ? new Set(set.ports.map((p) => p.userId)) : programmedUsers(set, run.observed.rules);
-    this.programmedCache.set(run.observed, out);
+    const cached = this.programmedCache.get(run.observed.rules);
+    if (cached && cached.desired === run.desired && cached.changes === run.changes) return cached.set;
+    const ruleSet = ruleSetOf(run.desired, run.observed.upstreamIP);
+    const out = run.changes === 0 ? new Set(ruleSet.ports.map((p) => p.userId)) : programmedUsers(ruleSet, run.observed.rules);
+    this.programmedCache.set(run.observed.rules, { desired: run.desired, changes: run.changes, set: out });
     return out;
   }
 
@@ -300,6 +346,18 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     }
     const desired = run.desired ?? loadPoolDesired(this.store, run.resource);
     const programmed = this.programmed(run);
+    const last = this.lastCommit.get(desired.name);
+    if (
+      last &&
+      last.desired === desired &&
+      last.programmed === programmed &&
+      last.state === run.state &&
+      last.lastError === run.lastError &&
+      last.upstreamIP === run.observed?.upstreamIP
+    ) {
+      return;
+    }
+    this.lastCommit.set(desired.name, { desired, programmed, state: run.state, lastError: run.lastError, upstreamIP: run.observed?.upstreamIP });
     const now = new Date().toISOString();
     for (const p of desired.ports) {
       if (p.deleting) {
