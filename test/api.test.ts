@@ -253,6 +253,7 @@ test('POST /api/v1/proxyports: created, idempotent, distinct ports, conflicts an
     [{ userId: 'carol"x', sourceIP: '127.0.0.13' }, 400, 'INVALID', /userId/],
     [{ userId: '', sourceIP: '127.0.0.13' }, 400, 'INVALID', /userId/],
     [{ userId: 'c'.repeat(129), sourceIP: '127.0.0.13' }, 400, 'INVALID', /userId/],
+    [{ userId: 'carol', sourceIP: '127.0.0.13', prot: 12345 }, 400, 'INVALID', /prot/],
     [{ sourceIP: '127.0.0.13' }, 400, 'INVALID', /userId/],
     [[{ userId: 'carol', sourceIP: '127.0.0.13' }], 400, 'INVALID', undefined],
     ['carol', 400, 'INVALID', undefined],
