@@ -388,21 +388,17 @@ test('GET proxyports by user, lists, pools; 404s with stable codes', async (t) =
   t.is(pool.body.status.ports.total, 2);
   t.is((await api.get('/api/v1/proxypools')).body.items.length, 1);
 
-  const nf = await api.get('/api/v1/proxyports/nobody');
-  t.is(nf.status, 404);
-  t.is(nf.body.error.code, 'NOT_FOUND');
-  const np = await api.get('/api/v1/proxypools/nope');
-  t.is(np.status, 404);
-  t.is(np.body.error.code, 'NOT_FOUND');
-  const uk = await api.get('/api/v1/widgets');
-  t.is(uk.status, 404);
-  t.is(uk.body.error.code, 'UNKNOWN_KIND');
-  const uk2 = await api.get('/api/v1/widgets/x');
-  t.is(uk2.status, 404);
-  t.is(uk2.body.error.code, 'UNKNOWN_KIND');
-  const nr = await api.get('/api/v2/nothing');
-  t.is(nr.status, 404);
-  t.is(nr.body.error.code, 'NOT_FOUND');
+  for (const [url, code] of [
+    ['/api/v1/proxyports/nobody', 'NOT_FOUND'],
+    ['/api/v1/proxypools/nope', 'NOT_FOUND'],
+    ['/api/v1/widgets', 'UNKNOWN_KIND'],
+    ['/api/v1/widgets/x', 'UNKNOWN_KIND'],
+    ['/api/v2/nothing', 'NOT_FOUND'],
+  ] as const) {
+    const r = await api.get(url);
+    t.is(r.status, 404, url);
+    t.is(r.body.error.code, code, url);
+  }
 });
 
 // ---------------------------------------------------------------------------
@@ -453,7 +449,9 @@ async function healthSetup(t: ExecutionContext, healthCheck: Record<string, unkn
     proxies.push(proxy);
   }
   const { env, api, daemon } = await setup(t, {
-    pool: { portRange: { min: 1024, max: 65535 }, healthCheck: { url: echo.url, mode: 'forward', timeout: '2s', ...healthCheck } },
+    // A generous check timeout: on a loaded test machine a short one can miss through tinyproxy,
+    // and the failures these tests provoke are refused connections, which are immediate anyway.
+    pool: { portRange: { min: 1024, max: 65535 }, healthCheck: { url: echo.url, mode: 'forward', timeout: '10s', ...healthCheck } },
     daemon: daemonOptions,
   });
   const users = [
@@ -543,7 +541,7 @@ test('health: the periodic check fills in statuses without an explicit call', as
   const { api, daemon } = await healthSetup(t, { failureThreshold: 1, interval: '1s' }, { healthTickMs: 100 });
   const health = async (u: string) => (await api.get(`/api/v1/proxyports/${u}`)).body.status.health;
   await waitFor('all three ports to have a health result', async () => (await Promise.all(['alice', 'bob', 'carol'].map(health))).every(Boolean));
-  t.is((await health('alice')).healthy, true);
+  await waitFor('alice to be reported healthy by a periodic check', async () => (await health('alice')).healthy === true, 15_000);
   t.is((await health('alice')).egressIP, '127.0.0.2');
   t.is((await health('carol')).healthy, false);
   const at = (await health('bob')).lastVerifiedAt;

@@ -282,11 +282,6 @@ export class IptablesDriver {
     await this.restoreWith(payload, []);
   }
 
-  /** `iptables-restore --noflush --test`: parse and check the payload without applying it. */
-  async testRestore(payload: string): Promise<void> {
-    await this.restoreWith(payload, ['--test']);
-  }
-
   private async restoreWith(payload: string, extra: string[]): Promise<void> {
     if (payload.trim() === '') return;
     if (extra.length === 0) this.stats.restores++;
@@ -331,12 +326,5 @@ export class IptablesDriver {
     }
     const res = await this.run('sysctl', ['-w', `net.ipv4.ip_forward=${v}`], null);
     if (res.exitCode !== 0 || res.timedOut) this.fail(`sysctl -w net.ipv4.ip_forward=${v}`, res);
-  }
-
-  /** Which kernel backend the configured binaries use (`auto` resolves through alternatives). */
-  async detectBackend(): Promise<'nft' | 'legacy'> {
-    const res = await this.run(this.names.save, ['--version'], null);
-    if (res.exitCode !== 0 || res.timedOut) this.fail(`${this.names.save} --version`, res);
-    return /nf_tables/.test(res.stdout + res.stderr) ? 'nft' : 'legacy';
   }
 }

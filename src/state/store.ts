@@ -177,10 +177,6 @@ export class Store extends EventEmitter {
     }>;
   }
 
-  countResources(kind: string): number {
-    return (this.stmt('SELECT count(*) AS n FROM resources WHERE kind = ?').get(kind) as { n: number }).n;
-  }
-
   /**
    * Creates or updates a resource. generation moves only when spec changes
    * (Kubernetes semantics); labels/annotations/source changes move resourceVersion only.

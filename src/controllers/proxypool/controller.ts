@@ -23,7 +23,7 @@ import {
   type PoolRuleSet,
   type RuleAction,
 } from './rules.js';
-import type { ProxyPoolSpec, ProxyPortHealth, ProxyPortSpec } from './types.js';
+import type { ProxyPoolSpec, ProxyPortSpec } from './types.js';
 
 export interface PortDesired {
   name: string;
@@ -424,4 +424,3 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   }
 }
 
-export type { ProxyPortHealth };
