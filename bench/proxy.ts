@@ -70,7 +70,16 @@ function setup(backend: 'nft' | 'legacy'): Setup {
   const store = new Store(path.join(dir, 'bench.db'));
   const driver = new IptablesDriver({ backend, netns });
   const metrics = new Metrics({ processMetrics: false });
-  const { controllers } = createControllers({ store, iptables: driver, metrics });
+  const { controllers } = createControllers({
+    store,
+    iptables: driver,
+    metrics,
+    logger: silentLogger(),
+    engines: {},
+    docker: { socket: path.join(dir, 'no-docker.sock'), network: 'none' },
+    process: { runDir: path.join(dir, 'run') },
+    warmPools: { parallelism: 8, claimHistory: 1000, orphanSweepMs: 3_600_000 },
+  });
   const manager = new Manager({ store, logger: silentLogger(), metrics, controllers, workers: 1, resyncIntervalMs: 3_600_000 });
   return {
     dir,

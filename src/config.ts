@@ -24,6 +24,9 @@ export interface Config {
     netns: string | undefined;
     createNetns: boolean;
   };
+  docker: { socket: string; network: string };
+  process: { runDir: string };
+  warmPools: { parallelism: number; claimHistory: number };
 }
 
 type Kind = 'path' | 'string' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool';
@@ -54,6 +57,11 @@ export const SETTINGS: readonly Setting[] = [
   { key: 'iptables.backend', env: 'POLYDEV_IPTABLES_BACKEND', kind: 'backend', default: 'auto', help: 'auto (the system\'s iptables), nft or legacy.' },
   { key: 'iptables.netns', env: 'POLYDEV_IPTABLES_NETNS', kind: 'string', default: undefined, help: 'Run every iptables and sysctl command inside this network namespace (ip netns exec). Unset: the daemon\'s own namespace.' },
   { key: 'iptables.createNetns', env: 'POLYDEV_IPTABLES_CREATE_NETNS', kind: 'bool', default: 'false', help: 'Create iptables.netns at start if it does not exist (the bundled demo config uses this to keep the host firewall untouched).' },
+  { key: 'docker.socket', env: 'POLYDEV_DOCKER_SOCKET', kind: 'path', default: '/var/run/docker.sock', help: 'Unix socket of the Docker Engine API that WarmPools with engine docker use.' },
+  { key: 'docker.network', env: 'POLYDEV_DOCKER_NETWORK', kind: 'string', default: 'bridge', help: 'Docker network warm containers join; their address on it is what a claim returns (`none`: no network, the address is `container:NAME`).' },
+  { key: 'process.runDir', env: 'POLYDEV_PROCESS_RUN_DIR', kind: 'path', default: '/dev/shm/polydev-process', help: 'Engine process (development): where each process gets its private directory for injected credentials (a tmpfs by default).' },
+  { key: 'warmPools.parallelism', env: 'POLYDEV_WARM_POOL_PARALLELISM', kind: 'int', default: '8', help: 'Container starts and removals in flight at once per pool.' },
+  { key: 'warmPools.claimHistory', env: 'POLYDEV_CLAIM_HISTORY', kind: 'int', default: '10000', help: 'Ended claims kept in the store (for `get claims` and pool stats); open claims are always kept.' },
 ];
 
 export class ConfigError extends Error {
@@ -76,6 +84,7 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
       return path.resolve(baseDir, text);
     case 'string':
       if (s.key === 'iptables.netns' && !NETNS_NAME.test(text)) return fail('must be a namespace name of [A-Za-z0-9_.-], at most 32');
+      if (s.key === 'docker.network' && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(text)) return fail('must be a Docker network name');
       return text;
     case 'listen': {
       const m = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
@@ -211,5 +220,8 @@ export function loadConfig(
       netns: get<string | undefined>('iptables.netns'),
       createNetns: get<boolean>('iptables.createNetns'),
     },
+    docker: { socket: get<string>('docker.socket'), network: get<string>('docker.network') },
+    process: { runDir: get<string>('process.runDir') },
+    warmPools: { parallelism: get<number>('warmPools.parallelism'), claimHistory: get<number>('warmPools.claimHistory') },
   };
 }

@@ -4,6 +4,9 @@ import { buildApi } from './api/server.js';
 import type { Config } from './config.js';
 import { ProxyHealthChecker } from './controllers/proxyport/health.js';
 import { ADMISSIONS, createControllers, createValidator } from './controllers/registry.js';
+import { ClaimService } from './controllers/warmpool/claims.js';
+import type { EngineFactories, EngineSet } from './controllers/warmpool/engines.js';
+import { memberCountsByPool } from './state/pools.js';
 import { DesiredStateDirWatcher } from './desired/dir-watcher.js';
 import { IptablesDriver, runProcess, findExecutable } from './drivers/iptables.js';
 import { createLogger, type Logger } from './observability/logger.js';
@@ -18,6 +21,8 @@ export interface DaemonOptions {
   serveApi?: boolean;
   /** Health-check tick; tests shorten it. */
   healthTickMs?: number;
+  /** Engines to use instead of those the config describes (tests). */
+  engines?: EngineFactories;
 }
 
 /** Reads the API token file; a missing or empty file is a start-up error, never a silent open API. */
@@ -49,6 +54,8 @@ export class Daemon {
   health!: ProxyHealthChecker;
   api: FastifyInstance | undefined;
   iptables!: IptablesDriver;
+  claims!: ClaimService;
+  engines!: EngineSet;
   private lease: Lease | undefined;
   private watcher: DesiredStateDirWatcher | undefined;
   private stopped = false;
@@ -84,7 +91,17 @@ export class Daemon {
     if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
     this.iptables = new IptablesDriver({ backend: config.iptables.backend, ...(config.iptables.netns ? { netns: config.iptables.netns } : {}) });
     const validator = createValidator();
-    const { controllers } = createControllers({ store: this.store, iptables: this.iptables, metrics: this.metrics });
+    const { controllers, warmPools, engines } = createControllers({
+      store: this.store,
+      iptables: this.iptables,
+      metrics: this.metrics,
+      logger,
+      docker: config.docker,
+      process: config.process,
+      warmPools: { ...config.warmPools, orphanSweepMs: config.resyncIntervalMs },
+      ...(this.options.engines ? { engines: this.options.engines } : {}),
+    });
+    this.engines = engines;
     this.manager = new Manager({
       store: this.store,
       logger,
@@ -94,10 +111,19 @@ export class Daemon {
       resyncIntervalMs: config.resyncIntervalMs,
     });
     this.metrics.countResourcesWith(() => (this.store.db.open ? this.store.phaseCounts() : []));
+    this.metrics.countPoolMembersWith(() => (this.store.db.open ? memberCountsByPool(this.store) : []));
+    this.claims = new ClaimService({
+      store: this.store,
+      controller: warmPools,
+      metrics: this.metrics,
+      logger,
+      recorder: this.manager.events,
+      enqueue: (kind, name) => this.manager.context.enqueue(kind, name),
+    });
     this.health = new ProxyHealthChecker(this.store, this.metrics, logger, this.manager.events);
     // Bind the API first: a daemon that cannot serve must fail before it changes anything.
     if (this.options.serveApi ?? true) {
-      this.api = buildApi({ store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, token });
+      this.api = buildApi({ store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, claims: this.claims, token });
       try {
         await this.api.listen({ host: config.listen.host, port: config.listen.port });
       } catch (err) {
@@ -148,6 +174,7 @@ export class Daemon {
     // Health checks first: an API check waiting on a silent upstream must not hold the close.
     await Promise.all([this.health?.stop(), this.api?.close()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
+    await this.engines?.close();
     this.lease?.release();
     this.store?.close();
     this.logger.info('polydev-reconciler stopped', { tookMs: Date.now() - started, abandoned });

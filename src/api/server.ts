@@ -1,6 +1,8 @@
 import { timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { HealthCheckError, type ProxyHealthChecker } from '../controllers/proxyport/health.js';
+import { claimObject, ClaimServiceError, type ClaimInput, type ClaimService } from '../controllers/warmpool/claims.js';
+import type { ClaimState } from '../state/pools.js';
 import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
 import { AdmissionError } from '../desired/apply.js';
 import { resolveKindName } from '../desired/kinds.js';
@@ -18,6 +20,7 @@ export interface ApiDeps {
   logger: Logger;
   manager: Manager;
   health: ProxyHealthChecker;
+  claims: ClaimService;
   /** The bearer token mutating calls need; undefined refuses every mutating call. */
   token: string | undefined;
 }
@@ -63,6 +66,10 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     if (err instanceof AdmissionError) {
       const status = err.code === 'POOL_NOT_FOUND' ? 404 : CONFLICT_CODES.has(err.code) ? 409 : 400;
       return sendError(reply, new ApiError(status, err.code, err.message, [{ field: err.field.join('.'), message: err.message }]));
+    }
+    if (err instanceof ClaimServiceError) {
+      if (err.retryAfterSeconds !== undefined) reply.header('retry-after', String(err.retryAfterSeconds));
+      return sendError(reply, new ApiError(err.status, err.code, err.message));
     }
     if (err instanceof HealthCheckError) {
       return sendError(reply, new ApiError(err.code === 'NOT_FOUND' ? 404 : 409, err.code, err.message));
@@ -128,6 +135,41 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     const res = removeUserPort(store, userId);
     if (!res) throw new ApiError(404, 'NOT_FOUND', `user ${userId} has no ProxyPort`);
     return reply.code(202).send({ userId, name: res.metadata.name, status: 'deleting' });
+  });
+
+  // ---- warm pools and claims ---------------------------------------------
+  // Credentials arrive in env/files: the body limit is larger here, and nothing of the body is logged.
+  app.post('/api/v1/pools/:pool/claims', { preHandler: requireToken, bodyLimit: 1024 * 1024 }, async (req, reply) => {
+    const { pool } = req.params as { pool: string };
+    const body = objectBody(req.body, ['userId', 'env', 'files', 'ttlSeconds']);
+    for (const field of ['env', 'files'] as const) {
+      const v = body[field];
+      if (v !== undefined && (v === null || typeof v !== 'object' || Array.isArray(v))) {
+        throw new ApiError(400, 'INVALID', `${field} must be an object of strings`);
+      }
+    }
+    const out = await deps.claims.claim(pool, body as unknown as ClaimInput);
+    return reply.code(201).send(out);
+  });
+  app.get('/api/v1/pools/:pool/stats', async (req) => deps.claims.stats((req.params as { pool: string }).pool));
+  app.get('/api/v1/claims', async (req) => {
+    const q = req.query as Record<string, string | undefined>;
+    const states = ['open', 'pending', 'bound', 'released', 'expired', 'failed'];
+    if (q.state !== undefined && !states.includes(q.state)) throw new ApiError(400, 'INVALID', `state must be one of ${states.join(', ')}`);
+    const limit = q.limit === undefined ? 1000 : Number(q.limit);
+    if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new ApiError(400, 'INVALID', 'limit must be a whole number from 1 to 10000');
+    const items = deps.claims.list({
+      ...(q.pool !== undefined ? { pool: q.pool } : {}),
+      ...(q.user !== undefined ? { userId: q.user } : {}),
+      ...(q.state !== undefined ? { state: q.state as ClaimState | 'open' } : {}),
+      limit,
+    });
+    return { apiVersion: 'v1', kind: 'ClaimList', items: items.map(claimObject) };
+  });
+  app.get('/api/v1/claims/:id', async (req) => claimObject(deps.claims.get((req.params as { id: string }).id)));
+  app.delete('/api/v1/claims/:id', { preHandler: requireToken }, async (req) => {
+    const claim = deps.claims.release((req.params as { id: string }).id);
+    return claimObject(claim);
   });
 
   // ---- generic read access ---------------------------------------------

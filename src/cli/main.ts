@@ -20,34 +20,23 @@ import { Store } from '../state/store.js';
 import type { StoredResource } from '../state/types.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { lineDiff } from '../util/line-diff.js';
-import { age, renderResources, table, type OutputFormat } from './output.js';
+import { claimCommand, describeClaim, getClaims, releaseCommand, warmPoolSections, type ClaimOptions, type Io, type ServerOptions } from './claims.js';
+import { age, CliError, EXIT, prefixLines, renderResources, table, type OutputFormat } from './output.js';
 
-/** Exit codes scripts can trust (kubectl's): 0 fine, 1 problems or differences, 2 usage or runtime error. */
-export const EXIT = { OK: 0, PROBLEMS: 1, ERROR: 2 } as const;
-
-class CliError extends Error {
-  constructor(
-    message: string,
-    readonly exitCode: number = EXIT.ERROR,
-  ) {
-    super(message);
-  }
-}
+export { EXIT };
 
 interface GlobalOptions {
   db?: string;
   config?: string;
 }
 
-interface Io {
-  out(text: string): void;
-  err(text: string): void;
-}
-
 export async function runCli(argv: string[], io: Io = { out: (t) => process.stdout.write(t + '\n'), err: (t) => process.stderr.write(t + '\n') }): Promise<number> {
   let exitCode: number = EXIT.OK;
   const program = new Command('polydev-reconciler')
-    .description('Keeps warm pools, per-user proxy ports and TURN servers converged to their declared state.')
+    .description(
+      'Keeps warm pools, per-user proxy ports and TURN servers converged to their declared state.\n' +
+        'Most commands work on the SQLite store directly; claim and release go through the running daemon\'s API.',
+    )
     .option('--db <path>', 'SQLite database (env POLYDEV_DB); overrides the config file')
     .option('--config <file>', 'config file (env POLYDEV_CONFIG)')
     .exitOverride()
@@ -149,14 +138,19 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
 
   program
     .command('get')
-    .description('list resources of a kind, or one resource')
-    .argument('<kind>')
-    .argument('[name]')
+    .description('list resources of a kind, or one resource (claims: the open ones, newest first, unless --all)')
+    .argument('<kind>', 'warmpools, proxypools, proxyports, claims, ... (singular, plural or short name)')
+    .argument('[name]', 'one resource (for claims: the claim id)')
     .addOption(new Option('-o, --output <format>', 'output format').choices(['table', 'wide', 'json', 'yaml']).default('table'))
+    .option('--pool <name>', 'claims: only those of this WarmPool')
+    .option('--user <id>', 'claims: only those of this user')
+    .option('--all', 'claims: ended ones (released, expired, failed) too')
     .action(
-      action((kindName: string, name: string | undefined, opts: { output: OutputFormat }) =>
+      action((kindName: string, name: string | undefined, opts: { output: OutputFormat; pool?: string; user?: string; all?: boolean }) =>
         withStore((store) => {
           const kind = kindArg(kindName);
+          if (kind === 'Claim') return getClaims(store, validator().kinds.get(kind)!.printerColumns, name, opts, io);
+          if (opts.pool !== undefined || opts.user !== undefined || opts.all) throw new CliError('--pool, --user and --all apply to claims only');
           const resources = name ? [mustGet(store, kind, name)] : store.listResources(kind);
           if (resources.length === 0 && (opts.output === 'table' || opts.output === 'wide')) {
             io.err(`no ${kind} resources`);
@@ -170,13 +164,19 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
 
   program
     .command('describe')
-    .description('a resource in full: spec, status, conditions and recent events')
+    .description('a resource in full: spec, status, conditions and recent events (a WarmPool also its containers, open claims and claim stats; a claim by id)')
     .argument('<kind>')
     .argument('<name>')
     .action(
       action((kindName: string, name: string) =>
         withStore((store) => {
-          io.out(describe(mustGet(store, kindName, name), store));
+          const kind = kindArg(kindName);
+          if (kind === 'Claim') {
+            io.out(describeClaim(store, name));
+            return EXIT.OK;
+          }
+          const r = mustGet(store, kind, name);
+          io.out(describe(r, store, kind === 'WarmPool' ? warmPoolSections(store, name) : []));
           return EXIT.OK;
         }),
       ),
@@ -276,6 +276,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     .action(
       action((kindName: string, name: string) =>
         withStore((store) => {
+          if (kindArg(kindName) === 'Claim') throw new CliError(`claims are ended through the daemon: polydev-reconciler release ${name}`);
           const { kind } = mustGet(store, kindName, name);
           store.requestDeletion(kind, name);
           io.out(`${kind.toLowerCase()}/${name} deleted (the daemon tears down what it owns, then removes it)`);
@@ -309,6 +310,47 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
         }),
       ),
     );
+
+  const serverOptions = (cmd: Command): Command =>
+    cmd
+      .option('--server <url>', "the daemon's API (default: http://HOST:PORT of the config's listen)")
+      .option('--token-file <file>', 'file holding the API bearer token (default: apiTokenFile, env POLYDEV_API_TOKEN_FILE)');
+
+  serverOptions(
+    program
+      .command('claim')
+      .description("bind a user to a container of a WarmPool (warm, or started now) through the running daemon")
+      .argument('<pool>', 'WarmPool name')
+      .requiredOption('--user <id>', 'the user the container is bound to')
+      .option('--ttl <duration>', "lifetime of the claim, e.g. 30m or 2h (default: the pool's claim.ttl)")
+      .option('--env <KEY=VALUE>', 'environment variable for the container (repeatable); never stored or printed', collect)
+      .option('--env-file <file>', 'KEY=VALUE lines (# comments, literal values); --env wins over it')
+      .option('--file <NAME=LOCALPATH>', "a local file's text, written to NAME in the container's secrets dir (repeatable)", collect)
+      .addOption(new Option('-o, --output <format>', 'output format').choices(['table', 'json', 'yaml']).default('table')),
+  )
+    .addHelpText(
+      'after',
+      [
+        '',
+        'Exit codes: 0 claimed; 1 the daemon said no (pool unknown or being deleted, user at maxPerUser,',
+        'pool exhausted: retry after the time it names); 2 anything else (daemon unreachable, bad token,',
+        'the container failed to start). Prefer --env-file to --env for credentials: command lines are',
+        'visible to other users of the machine (ps).',
+        '',
+        'Example:',
+        '  polydev-reconciler claim claude --user alice --ttl 2h --env-file ./alice.env --file config.json=./cfg.json',
+      ].join('\n'),
+    )
+    .action(
+      action((pool: string, opts: ClaimOptions) => claimCommand(pool, opts, config(), io)),
+    );
+
+  serverOptions(
+    program
+      .command('release')
+      .description("end a claim through the running daemon; its container is destroyed or recycled (exit 1: unknown claim)")
+      .argument('<claim-id>'),
+  ).action(action((claimId: string, opts: ServerOptions) => releaseCommand(claimId, opts, config(), io)));
 
   const proxyport = program.command('proxyport').description("users' egress proxy ports");
   proxyport
@@ -434,7 +476,8 @@ async function runForever(cfg: Config): Promise<number> {
   });
 }
 
-function describe(r: StoredResource, store: Store): string {
+/** The generic description; `sections` (kind-specific blocks) go between the conditions and the events. */
+function describe(r: StoredResource, store: Store, sections: string[] = []): string {
   const lines: string[] = [];
   const kv = (k: string, v: string) => lines.push(`${(k + ':').padEnd(20)}${v}`);
   kv('Name', r.metadata.name);
@@ -458,6 +501,7 @@ function describe(r: StoredResource, store: Store): string {
       ? '  <none>'
       : prefixLines(table(['TYPE', 'STATUS', 'REASON', 'SINCE', 'MESSAGE'], conditions.map((c) => [c.type, c.status, c.reason, age(c.lastTransitionTime), c.message])), '  '),
   );
+  lines.push(...sections);
   const events = store.listEvents({ kind: r.kind, name: r.metadata.name, limit: 20 });
   lines.push('Events:');
   lines.push(
@@ -468,16 +512,13 @@ function describe(r: StoredResource, store: Store): string {
   return lines.join('\n');
 }
 
-function prefixLines(text: string, prefix: string): string {
-  return text
-    .trimEnd()
-    .split('\n')
-    .map((l) => prefix + l)
-    .join('\n');
-}
-
 function sortedCopy(v: unknown): unknown {
   return JSON.parse(canonicalJson(v));
+}
+
+/** Repeatable options (no default: commander would print `(default: [])` in the help). */
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
 }
 
 function parsePositiveInt(v: string): number {

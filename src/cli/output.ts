@@ -4,14 +4,42 @@ import type { StoredResource } from '../state/types.js';
 
 export type OutputFormat = 'table' | 'wide' | 'json' | 'yaml';
 
-/** Kubernetes-style age: 45s, 12m, 3h, 5d. */
-export function age(iso: string | undefined, now = Date.now()): string {
-  if (!iso) return '<none>';
-  const s = Math.max(0, Math.floor((now - Date.parse(iso)) / 1000));
+/** Exit codes scripts can trust (kubectl's): 0 fine, 1 problems or differences, 2 usage or runtime error. */
+export const EXIT = { OK: 0, PROBLEMS: 1, ERROR: 2 } as const;
+
+/** A failure the CLI reports as `error: MESSAGE` and exits with exitCode. */
+export class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number = EXIT.ERROR,
+  ) {
+    super(message);
+  }
+}
+
+/** A resource as `get -o json` shows it: `{apiVersion, kind, metadata, spec, status}`. */
+export type ResourceObject = Record<string, unknown>;
+
+/** 45s, 12m, 3h, 5d (Kubernetes' rounding). */
+function shortDuration(seconds: number): string {
+  const s = Math.max(0, Math.floor(seconds));
   if (s < 120) return `${s}s`;
   if (s < 7200) return `${Math.floor(s / 60)}m`;
   if (s < 172_800) return `${Math.floor(s / 3600)}h`;
   return `${Math.floor(s / 86_400)}d`;
+}
+
+/** Kubernetes-style age: 45s, 12m, 3h, 5d. */
+export function age(iso: string | undefined, now = Date.now()): string {
+  if (!iso) return '<none>';
+  return shortDuration((now - Date.parse(iso)) / 1000);
+}
+
+/** `5m ago` or `in 29m`: for times that may lie ahead (expiries). */
+export function relativeTime(iso: string | undefined, now = Date.now()): string {
+  if (!iso) return '<none>';
+  const delta = (Date.parse(iso) - now) / 1000;
+  return delta > 0 ? `in ${shortDuration(delta)}` : `${shortDuration(-delta)} ago`;
 }
 
 /** Evaluates the simple JSONPath of printer columns (`.status.ports.total`). */
@@ -24,37 +52,45 @@ export function jsonPathGet(obj: unknown, jsonPath: string): unknown {
   return cur;
 }
 
+export function prefixLines(text: string, prefix: string): string {
+  return text
+    .trimEnd()
+    .split('\n')
+    .map((l) => prefix + l)
+    .join('\n');
+}
+
 export function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('   ').trimEnd();
   return [line(headers), ...rows.map(line)].join('\n');
 }
 
-export function publicView(r: StoredResource): Record<string, unknown> {
+export function publicView(r: StoredResource): ResourceObject {
   return { apiVersion: r.apiVersion, kind: r.kind, metadata: r.metadata, spec: r.spec, status: r.status ?? {} };
 }
 
 export function renderResources(resources: StoredResource[], columns: PrinterColumn[], format: OutputFormat, single: boolean): string {
-  if (format === 'json') {
-    return JSON.stringify(single ? publicView(resources[0]!) : { apiVersion: 'v1', kind: 'List', items: resources.map(publicView) }, null, 2);
-  }
-  if (format === 'yaml') {
-    return single
-      ? YAML.stringify(publicView(resources[0]!))
-      : YAML.stringify({ apiVersion: 'v1', kind: 'List', items: resources.map(publicView) });
-  }
+  return renderObjects(resources.map(publicView), columns, format, single);
+}
+
+/**
+ * Renders resource-shaped objects (stored resources, or objects the store keeps elsewhere such
+ * as claims) as kubectl does: a table of the CRD's printer columns, or the objects as JSON/YAML.
+ */
+export function renderObjects(objects: ResourceObject[], columns: PrinterColumn[], format: OutputFormat, single: boolean): string {
+  const document = single ? objects[0]! : { apiVersion: 'v1', kind: 'List', items: objects };
+  if (format === 'json') return JSON.stringify(document, null, 2);
+  if (format === 'yaml') return YAML.stringify(document);
   const cols = columns.filter((c) => format === 'wide' || !c.priority);
   const headers = ['NAME', ...cols.map((c) => c.name.toUpperCase())];
-  const rows = resources.map((r) => {
-    const view = publicView(r);
-    return [
-      r.metadata.name + (r.metadata.deletionTimestamp ? ' (deleting)' : ''),
-      ...cols.map((c) => {
-        const v = jsonPathGet(view, c.jsonPath);
-        if (v === undefined || v === null) return '<none>';
-        return c.type === 'date' ? age(String(v)) : String(v);
-      }),
-    ];
-  });
+  const rows = objects.map((o) => [
+    String(jsonPathGet(o, '.metadata.name') ?? '<none>') + (jsonPathGet(o, '.metadata.deletionTimestamp') ? ' (deleting)' : ''),
+    ...cols.map((c) => {
+      const v = jsonPathGet(o, c.jsonPath);
+      if (v === undefined || v === null) return '<none>';
+      return c.type === 'date' ? age(String(v)) : String(v);
+    }),
+  ]);
   return table(headers, rows);
 }

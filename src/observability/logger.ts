@@ -32,14 +32,15 @@ const redactFormat = winston.format((info) => {
  * JSON lines, one per entry: journald and log shippers take them as they are.
  * The daemon logs to stdout; CLI commands log to stderr so their output stays clean.
  */
-export function createLogger(level: LogLevel, stream: 'stdout' | 'stderr' = 'stdout'): Logger {
+/** JSON lines to stdout, stderr, or any writable stream (tests read what was logged). */
+export function createLogger(level: LogLevel, stream: 'stdout' | 'stderr' | NodeJS.WritableStream = 'stdout'): Logger {
   return winston.createLogger({
     level,
     format: winston.format.combine(redactFormat(), winston.format.timestamp(), winston.format.json()),
     transports: [
-      new winston.transports.Console({
-        stderrLevels: stream === 'stderr' ? ['error', 'warn', 'info', 'debug'] : [],
-      }),
+      typeof stream === 'string'
+        ? new winston.transports.Console({ stderrLevels: stream === 'stderr' ? ['error', 'warn', 'info', 'debug'] : [] })
+        : new winston.transports.Stream({ stream }),
     ],
   });
 }

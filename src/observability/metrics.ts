@@ -100,6 +100,44 @@ export class Metrics {
     labelNames: ['result'] as const,
     registers: [this.registry],
   });
+  /** Counted from the store when scraped (see countPoolMembersWith). */
+  readonly warmPoolContainers = new Gauge({
+    name: 'polydev_warm_pool_containers',
+    help: 'Containers of each WarmPool by state (warm, starting, claimed, releasing).',
+    labelNames: ['pool', 'state'] as const,
+    registers: [this.registry],
+    collect: () => this.collectPoolMembers(),
+  });
+  private poolMemberCounter: (() => Array<{ pool: string; state: string; n: number }>) | undefined;
+
+  countPoolMembersWith(counter: () => Array<{ pool: string; state: string; n: number }>): void {
+    this.poolMemberCounter = counter;
+  }
+
+  private collectPoolMembers(): void {
+    if (!this.poolMemberCounter) return;
+    this.warmPoolContainers.reset();
+    for (const { pool, state, n } of this.poolMemberCounter()) this.warmPoolContainers.set({ pool, state }, n);
+  }
+  readonly claimsTotal = new Counter({
+    name: 'polydev_claims_total',
+    help: 'Claim requests by pool and result (warm, cold, exhausted, too_many, failed).',
+    labelNames: ['pool', 'result'] as const,
+    registers: [this.registry],
+  });
+  readonly claimDuration = new Histogram({
+    name: 'polydev_claim_duration_seconds',
+    help: 'Time to serve a claim (bind, start when cold, inject credentials), by pool and whether a warm container served it.',
+    labelNames: ['pool', 'warm'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
+  });
+  readonly engineOperations = new Counter({
+    name: 'polydev_engine_operations_total',
+    help: 'Calls to a container engine by engine, operation (list, start, remove, inject, recycle, update) and result (success, error).',
+    labelNames: ['engine', 'op', 'result'] as const,
+    registers: [this.registry],
+  });
   readonly up = new Gauge({
     name: 'polydev_reconciler_ready',
     help: '1 once the first full sync is done.',

@@ -66,6 +66,11 @@ export interface ConvergingController<Desired, Observed, Action> {
   statusFields?(run: SettledRun<Desired, Observed>): Record<string, unknown>;
   /** Writes inside the status transaction (statuses of owned resources, allocations). */
   commit?(run: SettledRun<Desired, Observed>): void;
+  /**
+   * A CamelCase reason for a failed run (e.g. ImageNotFound, EngineUnavailable), used as the Ready
+   * condition's reason and the event's reason instead of the generic SyncFailed/Degraded.
+   */
+  failureReason?(run: SettledRun<Desired, Observed>): string | undefined;
   /** Ask for another reconcile after this long even when Ready (e.g. DNS re-resolution). */
   requeueAfterMs?(run: SettledRun<Desired, Observed>): number | undefined;
   start?(ctx: ControllerContext): void;

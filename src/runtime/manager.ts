@@ -381,7 +381,12 @@ export class Manager {
     if (state === 'Ready' && context.changes === 0 && !run.driftDetected && persisted?.value !== 'Ready') {
       events.push(['Normal', 'Converged', `${c.kind} ${name} is converged`]);
     }
-    if (failed) events.push(['Warning', state === 'Degraded' ? 'Degraded' : 'SyncFailed', context.lastError ?? 'failed']);
+    const failureReason = failed ? c.failureReason?.(run) : undefined;
+    if (failed) {
+      const reason = failureReason ?? (state === 'Degraded' ? 'Degraded' : 'SyncFailed');
+      const message = context.lastError ?? 'failed';
+      events.push(['Warning', reason, state === 'Degraded' && failureReason ? `degraded after repeated failures: ${message}` : message]);
+    }
     if (state === 'Deleted') events.push(['Normal', 'Deleted', `${c.kind} ${name} and everything it owned are removed`]);
     metrics.driftUnrepaired.set({ kind: c.kind, name }, state === 'Drifted' || (failed && context.driftDetected) ? 1 : 0);
 
@@ -392,7 +397,7 @@ export class Manager {
         metrics.driftUnrepaired.remove({ kind: c.kind, name });
       } else {
         store.setSnapshot(c.kind, name, persistedSnapshot);
-        const status = this.statusOf(c, run, retryInMs);
+        const status = this.statusOf(c, run, retryInMs, failureReason);
         if ((state === 'Ready' || state === 'Drifted') && fingerprint) status.desiredFingerprint = fingerprint;
         store.setStatus(c.kind, name, status);
         if (failed) {
@@ -416,6 +421,7 @@ export class Manager {
     c: AnyConvergingController,
     run: SettledRun<unknown, unknown>,
     retryInMs: number | undefined,
+    failureReason: string | undefined,
   ): ResourceStatus {
     const now = new Date().toISOString();
     const generation = run.resource.metadata.generation;
@@ -432,7 +438,7 @@ export class Manager {
     conditions = setCondition(conditions, {
       type: 'Ready',
       status: ready ? 'True' : 'False',
-      reason: readyReason[run.state] ?? run.state,
+      reason: failureReason ?? readyReason[run.state] ?? run.state,
       message: ready
         ? 'desired state is in place'
         : run.state === 'Drifted'

@@ -97,6 +97,56 @@ CREATE TABLE leases (
 );
 `,
   },
+  {
+    version: 2,
+    name: 'warm pools and claims',
+    sql: `
+-- Facts about this installation. installation_id marks what this database owns in shared
+-- engines (Docker label polydev.ai/owner), so two daemons on one engine never touch each other's.
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('installation_id', lower(hex(randomblob(6))));
+
+-- One row per container of a WarmPool, keyed by the daemon's own id for it (the slot), which is
+-- chosen before the engine is asked: a crash between create and record is adopted by slot.
+CREATE TABLE pool_members (
+  slot TEXT PRIMARY KEY,
+  pool TEXT NOT NULL,
+  engine TEXT NOT NULL,
+  container_id TEXT,
+  name TEXT NOT NULL,
+  address TEXT,
+  spec_hash TEXT NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('starting', 'warm', 'claimed', 'releasing')),
+  claim_id TEXT,
+  created_at INTEGER NOT NULL,
+  ready_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX pool_members_by_state ON pool_members (pool, state, ready_at);
+
+CREATE TABLE claims (
+  id TEXT PRIMARY KEY,
+  pool TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  slot TEXT,
+  container_id TEXT,
+  container_name TEXT,
+  address TEXT,
+  warm INTEGER NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('pending', 'bound', 'released', 'expired', 'failed')),
+  reason TEXT,
+  created_at INTEGER NOT NULL,
+  bound_at INTEGER,
+  expires_at INTEGER NOT NULL,
+  ended_at INTEGER,
+  latency_ms REAL
+) WITHOUT ROWID;
+-- The store-level guarantee behind "no container is ever given to two claims".
+CREATE UNIQUE INDEX claims_one_open_per_slot ON claims (slot) WHERE state IN ('pending', 'bound');
+CREATE INDEX claims_open_by_user ON claims (pool, user_id) WHERE state IN ('pending', 'bound');
+CREATE INDEX claims_open_by_expiry ON claims (expires_at) WHERE state IN ('pending', 'bound');
+CREATE INDEX claims_by_pool ON claims (pool, created_at);
+`,
+  },
 ];
 
 export function migrate(db: Database.Database): number {

@@ -1,0 +1,341 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from '../../observability/logger.js';
+import type { Metrics } from '../../observability/metrics.js';
+import type { EventRecorder } from '../../runtime/controller.js';
+import {
+  bindColdClaim,
+  claimContainer,
+  ClaimError,
+  claimHistory,
+  endClaim,
+  forgetMember,
+  getClaim,
+  listClaims,
+  memberCounts,
+  recordClaimLatency,
+  type ClaimFilter,
+  type ClaimRecord,
+} from '../../state/pools.js';
+import type { Store } from '../../state/store.js';
+import { EngineError, type Injection, type ObservedContainer } from './engine.js';
+import type { WarmPoolController } from './controller.js';
+import { warmPoolDesired, type WarmPoolDesired } from './types.js';
+
+export interface ClaimInput {
+  userId: string;
+  env?: Record<string, string>;
+  files?: Record<string, string>;
+  ttlSeconds?: number;
+}
+
+export interface ClaimResult {
+  claimId: string;
+  pool: string;
+  userId: string;
+  container: { id: string; name: string; address: string };
+  warm: boolean;
+  latencyMs: number;
+  expiresAt: string;
+}
+
+export type ClaimServiceCode =
+  | 'INVALID'
+  | 'NOT_FOUND'
+  | 'POOL_DELETING'
+  | 'TOO_MANY_REQUESTS'
+  | 'POOL_EXHAUSTED'
+  | 'IMAGE_NOT_FOUND'
+  | 'START_FAILED'
+  | 'ENGINE_UNAVAILABLE'
+  | 'ENGINE_ERROR'
+  | 'INJECTION_FAILED';
+
+const HTTP_STATUS: Record<ClaimServiceCode, number> = {
+  INVALID: 400,
+  NOT_FOUND: 404,
+  POOL_DELETING: 409,
+  TOO_MANY_REQUESTS: 429,
+  POOL_EXHAUSTED: 503,
+  ENGINE_UNAVAILABLE: 503,
+  IMAGE_NOT_FOUND: 502,
+  START_FAILED: 502,
+  ENGINE_ERROR: 502,
+  INJECTION_FAILED: 502,
+};
+
+/** A claim that could not be served; `status` is the HTTP status the API answers with. */
+export class ClaimServiceError extends Error {
+  readonly status: number;
+  constructor(
+    readonly code: ClaimServiceCode,
+    message: string,
+    readonly retryAfterSeconds?: number,
+  ) {
+    super(message);
+    this.name = 'ClaimServiceError';
+    this.status = HTTP_STATUS[code];
+  }
+}
+
+const ENGINE_CODES: Record<string, ClaimServiceCode> = {
+  ImageNotFound: 'IMAGE_NOT_FOUND',
+  StartFailed: 'START_FAILED',
+  EngineUnavailable: 'ENGINE_UNAVAILABLE',
+  EngineError: 'ENGINE_ERROR',
+};
+
+export const USER_ID = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$/;
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+const MAX_TTL_SECONDS = 30 * 24 * 3600;
+
+/** Checks a claim's input; messages name fields and keys, never values (they may be credentials). */
+export function validateClaimInput(input: ClaimInput): void {
+  const bad = (msg: string): never => {
+    throw new ClaimServiceError('INVALID', msg);
+  };
+  if (typeof input.userId !== 'string' || !USER_ID.test(input.userId)) {
+    bad('userId: must be 1-128 of letters, digits and . _ @ -, starting with a letter or digit');
+  }
+  if (input.ttlSeconds !== undefined && (!Number.isInteger(input.ttlSeconds) || input.ttlSeconds < 1 || input.ttlSeconds > MAX_TTL_SECONDS)) {
+    bad(`ttlSeconds: must be a whole number from 1 to ${MAX_TTL_SECONDS}`);
+  }
+  for (const [k, v] of Object.entries(input.env ?? {})) {
+    if (!ENV_NAME.test(k)) bad(`env.${k}: not a valid environment variable name`);
+    if (typeof v !== 'string' || /[\n\r\0]/.test(v)) bad(`env.${k}: the value must be a string without newlines or NUL`);
+  }
+  for (const [p, v] of Object.entries(input.files ?? {})) {
+    const parts = p.split('/');
+    if (p === '' || p.startsWith('/') || parts.some((s) => s === '' || s === '.' || s === '..') || p.includes('\0') || p.length > 255) {
+      bad(`files: ${JSON.stringify(p.slice(0, 80))} must be a relative path without empty, . or .. segments`);
+    }
+    if (typeof v !== 'string') bad(`files: ${JSON.stringify(p)} must have string content`);
+  }
+}
+
+export interface PoolStats {
+  pool: string;
+  warm: number;
+  starting: number;
+  claimed: number;
+  releasing: number;
+  /** Containers of the pool that exited or are unhealthy, awaiting removal (from the last reconcile). */
+  failed: number;
+  claimsServed: number;
+  claimsFailed: number;
+  warmHitRatio: number | null;
+  claimLatencyMs: { p50: number | null; p99: number | null };
+  /** Over how many of the newest claims the ratio and latencies are computed. */
+  window: number;
+  lastRefillDurationMs: number | null;
+}
+
+export interface ClaimServiceOptions {
+  store: Store;
+  controller: WarmPoolController;
+  metrics: Metrics;
+  logger: Logger;
+  recorder: EventRecorder;
+  enqueue(kind: string, name: string): void;
+}
+
+/**
+ * The claim path: one transaction binds a warm container (or reserves room for a cold start),
+ * the pool is enqueued for a refill at once, and credentials go straight into the container.
+ */
+export class ClaimService {
+  constructor(private readonly opts: ClaimServiceOptions) {}
+
+  private pool(name: string): WarmPoolDesired {
+    const res = this.opts.store.getResource('WarmPool', name);
+    if (!res) throw new ClaimServiceError('NOT_FOUND', `WarmPool ${name} not found`);
+    if (res.metadata.deletionTimestamp) throw new ClaimServiceError('POOL_DELETING', `WarmPool ${name} is being deleted`);
+    return warmPoolDesired(res);
+  }
+
+  async claim(poolName: string, input: ClaimInput): Promise<ClaimResult> {
+    const started = performance.now();
+    const { store, metrics, controller } = this.opts;
+    let d: WarmPoolDesired;
+    try {
+      validateClaimInput(input);
+      d = this.pool(poolName);
+    } catch (err) {
+      metrics.claimsTotal.inc({ pool: poolName, result: 'rejected' });
+      throw err;
+    }
+    const now = Date.now();
+    const claimId = randomUUID();
+    const ttlMs = input.ttlSeconds !== undefined ? input.ttlSeconds * 1000 : d.claimTtlMs;
+    let outcome;
+    try {
+      outcome = store.transaction(() =>
+        claimContainer(store, {
+          id: claimId,
+          pool: d.name,
+          userId: input.userId,
+          maxPerUser: d.spec.claim.maxPerUser,
+          maxSize: d.spec.maxSize,
+          now,
+          expiresAt: now + ttlMs,
+          coldSlot: controller.newSlot(d),
+        }),
+      );
+    } catch (err) {
+      if (err instanceof ClaimError) {
+        const result = err.code === 'TOO_MANY_REQUESTS' ? 'too_many' : 'exhausted';
+        metrics.claimsTotal.inc({ pool: d.name, result });
+        throw new ClaimServiceError(err.code as ClaimServiceCode, err.message, err.code === 'POOL_EXHAUSTED' ? 5 : undefined);
+      }
+      throw err;
+    }
+    // Refill now: the warm container just taken is replaced without waiting for a resync.
+    this.opts.enqueue('WarmPool', d.name);
+
+    let container: { id: string; name: string; address: string };
+    try {
+      if (outcome.warm) {
+        const m = outcome.member;
+        container = { id: m.containerId!, name: m.name, address: m.address ?? '' };
+        const engine = controller.engineFor(d);
+        if (d.spec.idleResources && engine.update) await engine.update(container.id, d.spec.resources ?? {});
+      } else {
+        container = await this.coldStart(d, outcome.slot, claimId);
+      }
+      if (input.env || input.files) await this.inject(d, container.id, input);
+    } catch (err) {
+      this.fail(d.name, claimId, err);
+      throw this.translate(err);
+    }
+    const latencyMs = Math.round((performance.now() - started) * 1000) / 1000;
+    store.transaction(() => recordClaimLatency(store, claimId, latencyMs));
+    metrics.claimsTotal.inc({ pool: d.name, result: outcome.warm ? 'warm' : 'cold' });
+    metrics.claimDuration.observe({ pool: d.name, warm: String(outcome.warm) }, latencyMs / 1000);
+    return {
+      claimId,
+      pool: d.name,
+      userId: input.userId,
+      container,
+      warm: outcome.warm,
+      latencyMs,
+      expiresAt: new Date(outcome.claim.expiresAt).toISOString(),
+    };
+  }
+
+  private async coldStart(d: WarmPoolDesired, slot: ReturnType<WarmPoolController['newSlot']>, claimId: string) {
+    const { store, controller } = this.opts;
+    const inFlight = controller.slotsInFlight(d.name);
+    inFlight.add(slot.slot);
+    let c: ObservedContainer;
+    try {
+      c = await controller.engineFor(d).start(controller.containerSpec(d, slot, claimId));
+    } catch (err) {
+      store.transaction(() => forgetMember(store, slot.slot));
+      throw err;
+    } finally {
+      inFlight.delete(slot.slot);
+    }
+    const bound = store.transaction(() => bindColdClaim(store, claimId, { id: c.id, address: c.address }, Date.now()));
+    if (!bound) {
+      // Released while it was starting: the reconciler removes the container (state releasing).
+      this.opts.enqueue('WarmPool', d.name);
+      throw new ClaimServiceError('NOT_FOUND', `claim ${claimId} was released while its container was starting`);
+    }
+    return { id: c.id, name: c.name, address: c.address };
+  }
+
+  private async inject(d: WarmPoolDesired, containerId: string, input: ClaimInput): Promise<void> {
+    const injection: Injection = {};
+    if (input.env) injection.env = input.env;
+    if (input.files) injection.files = input.files;
+    try {
+      await this.opts.controller.engineFor(d).inject(containerId, injection);
+    } catch (err) {
+      // The driver's message names paths and keys only; it is still not echoed beyond the code.
+      throw new ClaimServiceError('INJECTION_FAILED', `credentials could not be delivered into the container: ${(err as Error).message}`);
+    }
+  }
+
+  private fail(pool: string, claimId: string, err: unknown): void {
+    const { store, metrics, logger, recorder } = this.opts;
+    const reason = err instanceof Error ? err.message : String(err);
+    const claim = store.transaction(() => {
+      const c = endClaim(store, claimId, 'failed', reason.slice(0, 500), Date.now());
+      if (c) recorder.record('WarmPool', pool, 'Warning', 'ClaimFailed', `claim ${claimId} of user ${c.userId}: ${reason.slice(0, 500)}`);
+      return c;
+    });
+    metrics.claimsTotal.inc({ pool, result: 'failed' });
+    logger.warn('claim failed', { pool, claim: claimId, user: claim?.userId, error: reason });
+    this.opts.enqueue('WarmPool', pool);
+  }
+
+  private translate(err: unknown): Error {
+    if (err instanceof ClaimServiceError) return err;
+    if (err instanceof EngineError) {
+      return new ClaimServiceError(ENGINE_CODES[err.reason] ?? 'ENGINE_ERROR', err.message, err.reason === 'EngineUnavailable' ? 5 : undefined);
+    }
+    return new ClaimServiceError('ENGINE_ERROR', (err as Error).message);
+  }
+
+  /** Ends a claim; its container is destroyed or recycled by the reconciler right after. Unknown id → NOT_FOUND. */
+  release(claimId: string): ClaimRecord {
+    const { store } = this.opts;
+    const claim = store.transaction(() => endClaim(store, claimId, 'released', 'released by request', Date.now()));
+    if (!claim) throw new ClaimServiceError('NOT_FOUND', `claim ${claimId} not found`);
+    this.opts.enqueue('WarmPool', claim.pool);
+    return claim;
+  }
+
+  get(claimId: string): ClaimRecord {
+    const claim = getClaim(this.opts.store, claimId);
+    if (!claim) throw new ClaimServiceError('NOT_FOUND', `claim ${claimId} not found`);
+    return claim;
+  }
+
+  list(filter: ClaimFilter): ClaimRecord[] {
+    return listClaims(this.opts.store, filter);
+  }
+
+  stats(poolName: string): PoolStats {
+    const { store } = this.opts;
+    const res = store.getResource('WarmPool', poolName);
+    if (!res) throw new ClaimServiceError('NOT_FOUND', `WarmPool ${poolName} not found`);
+    const counts = memberCounts(store, poolName);
+    const window = 1000;
+    const h = claimHistory(store, poolName, window);
+    const status = res.status ?? { phase: 'Pending', conditions: [] };
+    return {
+      pool: poolName,
+      ...counts,
+      failed: typeof status.failed === 'number' ? status.failed : 0,
+      claimsServed: h.served,
+      claimsFailed: h.failed,
+      warmHitRatio: h.served ? Math.round((h.warmHits / h.served) * 10_000) / 10_000 : null,
+      claimLatencyMs: { p50: h.p50Ms, p99: h.p99Ms },
+      window,
+      lastRefillDurationMs: typeof status.lastRefillDurationMs === 'number' ? status.lastRefillDurationMs : null,
+    };
+  }
+}
+
+/** A claim as the API and `get claims -o json` show it: the Claim CRD's shape. */
+export function claimObject(c: ClaimRecord): Record<string, unknown> {
+  const iso = (ms: number | null) => (ms === null ? undefined : new Date(ms).toISOString());
+  return {
+    apiVersion: 'polydev.ai/v1alpha1',
+    kind: 'Claim',
+    metadata: { name: c.id, creationTimestamp: iso(c.createdAt) },
+    spec: { pool: c.pool, userId: c.userId, expiresAt: iso(c.expiresAt) },
+    status: {
+      phase: { pending: 'Pending', bound: 'Bound', released: 'Released', expired: 'Expired', failed: 'Failed' }[c.state],
+      containerId: c.containerId ?? undefined,
+      containerName: c.containerName ?? undefined,
+      address: c.address ?? undefined,
+      warm: c.warm,
+      boundAt: iso(c.boundAt),
+      releasedAt: iso(c.endedAt),
+      expiresAt: iso(c.expiresAt),
+      reason: c.reason ?? undefined,
+      latencyMs: c.latencyMs ?? undefined,
+    },
+  };
+}
