@@ -1,27 +1,60 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
-// Needs root (network namespaces); everything it creates is deleted when it ends.
+// BENCH_ONLY=proxy|warm-pool runs one; BENCH_RUNS sets the runs per figure (default 5).
+// Needs root (network namespaces, dockerd); everything it creates is deleted when it ends.
+// Exits 1 if any goal is unmet.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runProxyBench } from './proxy.js';
-import { printTable } from './stats.js';
+import { printTable, type BenchFigure } from './stats.js';
+import { runWarmPoolBench } from './warm-pool.js';
 
 const RESULTS = path.join(path.dirname(fileURLToPath(import.meta.url)), 'results');
 const runs = Number(process.env.BENCH_RUNS ?? 5);
 
-const { figures, raw } = await runProxyBench(runs);
+interface Bench {
+  name: string;
+  issue: number;
+  title: string;
+  run(runs: number): Promise<{ figures: BenchFigure[]; raw: Record<string, unknown>; method?: Record<string, unknown> }>;
+}
+
+const BENCHES: Bench[] = [
+  { name: 'proxy', issue: 2, title: 'ProxyPort (issue 2)', run: runProxyBench },
+  { name: 'warm-pool', issue: 3, title: 'WarmPool (issue 3)', run: runWarmPoolBench },
+];
+
+const only = process.env.BENCH_ONLY;
+if (only !== undefined && !BENCHES.some((b) => b.name === only)) {
+  console.error(`BENCH_ONLY must be one of ${BENCHES.map((b) => b.name).join(', ')}, got ${JSON.stringify(only)}`);
+  process.exit(2);
+}
+if (!Number.isInteger(runs) || runs < 1) {
+  console.error(`BENCH_RUNS must be a positive whole number, got ${JSON.stringify(process.env.BENCH_RUNS)}`);
+  process.exit(2);
+}
+
 fs.mkdirSync(RESULTS, { recursive: true });
-const out = {
-  benchmark: 'proxy',
-  issue: 2,
-  date: new Date().toISOString(),
-  machine: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memoryGb: Math.round(os.totalmem() / 2 ** 30), node: process.version },
-  runs,
-  figures,
-  raw,
-};
-fs.writeFileSync(path.join(RESULTS, 'proxy.json'), JSON.stringify(out, null, 2) + '\n');
-printTable('ProxyPort (issue 2)', figures);
-console.log(`\nwritten: ${path.relative(process.cwd(), path.join(RESULTS, 'proxy.json'))}`);
-if (figures.some((f) => f.met === false)) process.exitCode = 1;
+let unmet = false;
+for (const bench of BENCHES.filter((b) => only === undefined || b.name === only)) {
+  const { figures, raw, method } = await bench.run(runs);
+  const out = {
+    benchmark: bench.name,
+    issue: bench.issue,
+    date: new Date().toISOString(),
+    machine: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memoryGb: Math.round(os.totalmem() / 2 ** 30), node: process.version },
+    runs,
+    ...(method ? { method } : {}),
+    figures,
+    raw,
+  };
+  const file = path.join(RESULTS, `${bench.name}.json`);
+  // Temp file + rename: an interrupted run never leaves half a results file.
+  fs.writeFileSync(`${file}.tmp`, JSON.stringify(out, null, 2) + '\n');
+  fs.renameSync(`${file}.tmp`, file);
+  printTable(bench.title, figures);
+  console.log(`\nwritten: ${path.relative(process.cwd(), file)}\n`);
+  if (figures.some((f) => f.met === false)) unmet = true;
+}
+if (unmet) process.exitCode = 1;

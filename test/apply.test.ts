@@ -147,7 +147,10 @@ test('re-applying an unchanged ProxyPool is a no-op (examples applied twice thro
   t.is(first.code, 0, first.err.join('\n'));
   const second = await cli(db, 'apply', '-f', EXAMPLES_DIR);
   t.is(second.code, 0, second.err.join('\n'));
-  t.deepEqual(second.out.sort(), ['proxypool/default unchanged', 'proxyport/alice unchanged', 'proxyport/bob unchanged', 'proxyport/carol unchanged']);
+  t.deepEqual(second.out.sort(), [
+    'proxypool/default unchanged', 'proxyport/alice unchanged', 'proxyport/bob unchanged', 'proxyport/carol unchanged',
+    'warmpool/anthropic unchanged', 'warmpool/dev unchanged', 'warmpool/google unchanged', 'warmpool/gpu-workers unchanged', 'warmpool/openai unchanged',
+  ]);
   const s = new Store(db);
   t.teardown(() => s.close());
   t.is(s.getResource('ProxyPool', 'default')!.metadata.generation, 1);
@@ -390,7 +393,7 @@ test('diff --prune shows what apply --prune would delete', async (t) => {
 
 test('apply, get, describe, delete and events through the CLI', async (t) => {
   const db = path.join(tempDir(t), 'cli.db');
-  const applied = await cli(db, 'apply', '-f', EXAMPLES_DIR);
+  const applied = await cli(db, 'apply', '-f', path.join(EXAMPLES_DIR, 'proxy.yaml'));
   t.is(applied.code, 0, applied.err.join('\n'));
   t.deepEqual(applied.out.sort(), ['proxypool/default created', 'proxyport/alice created', 'proxyport/bob created', 'proxyport/carol created']);
 

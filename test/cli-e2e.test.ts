@@ -2,6 +2,7 @@
 // --db / --config, iptables always in a throwaway namespace (POLYDEV_IPTABLES_NETNS).
 
 import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
 
@@ -30,9 +31,17 @@ interface Cli {
   run(args: string[], timeoutMs?: number): ReturnType<typeof runBin>;
 }
 
+/** The bundled proxy example alone (the warm-pool examples need Docker images and are tested elsewhere). */
+function proxyExample(env: E2eEnv): string {
+  const dir = path.join(env.dir, 'examples');
+  fs.mkdirSync(dir, { recursive: true });
+  fs.copyFileSync(path.join(EXAMPLES, 'proxy.yaml'), path.join(dir, 'proxy.yaml'));
+  return dir;
+}
+
 async function cli(t: ExecutionContext, config: Record<string, unknown> = {}): Promise<Cli> {
   const env = await e2eEnv(t);
-  const cfgFile = env.writeConfig({ desiredStateDir: EXAMPLES, ...config });
+  const cfgFile = env.writeConfig({ desiredStateDir: proxyExample(env), ...config });
   return {
     env,
     cfgFile,
@@ -283,10 +292,12 @@ test('validate, apply (twice: unchanged), diff against the store', async (t) => 
   const c = await cli(t);
   const v = await c.run(['validate', '-f', EXAMPLES]);
   t.is(v.code, 0, v.stdout + v.stderr);
-  t.regex(v.stdout, /4 resource\(s\) in 1 file\(s\) are valid/);
+  t.regex(v.stdout, /9 resource\(s\) in 4 file\(s\) are valid/);
   const a1 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a1.code, 0, a1.stderr);
   t.regex(a1.stdout, /proxypool\/default created/);
+  t.regex(a1.stdout, /warmpool\/openai created/);
+  t.regex(a1.stdout, /warmpool\/gpu-workers created/);
   const a2 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a2.code, 0, a2.stderr);
   t.regex(a2.stdout, /proxypool\/default unchanged/);

@@ -72,14 +72,19 @@ async function setup(t: ExecutionContext, claim: Record<string, unknown> = {}): 
   const env = await e2eEnv(t);
   const runDir = path.join(env.dir, 'run');
   let owner: string | undefined;
-  // Registered before the daemon's own teardown, so it runs after the daemon has stopped.
+  // Registered before the daemon's own teardown, so it runs after the daemon has stopped: the
+  // processes outlive a daemon on purpose (a restarted one adopts them), so they are removed here,
+  // and so are their logs (the engine keeps them in its default log dir).
   t.teardown(async () => {
     if (!owner) return;
-    const engine = new ProcessEngine({ runDir, logDir: path.join(env.dir, 'logs') });
+    const engine = new ProcessEngine({ runDir });
     try {
       for (const c of await engine.list(owner)) await engine.remove(c.id);
     } finally {
       await engine.close();
+    }
+    for (const f of fs.existsSync(engine.logDir) ? fs.readdirSync(engine.logDir) : []) {
+      if (f.startsWith(`${owner}.`)) fs.rmSync(path.join(engine.logDir, f), { force: true });
     }
   });
   env.writeDesired('pool.yaml', poolDoc(claim));
@@ -99,9 +104,9 @@ async function setup(t: ExecutionContext, claim: Record<string, unknown> = {}): 
   };
 }
 
-/** Refills finished: a claim then meets warm containers (or room for a cold start), never only `starting` ones. */
-async function settled(c: Ctx): Promise<void> {
-  await waitFor('no container starting', () => memberCounts(c.daemon.store, POOL).starting === 0, CONVERGE_MS);
+/** A warm container to claim: nothing but a claim takes one away, so the next claim is served warm. */
+async function warmOne(c: Ctx): Promise<void> {
+  await waitFor('a warm container', () => memberCounts(c.daemon.store, POOL).warm >= 1, CONVERGE_MS);
 }
 
 /** A `table()` as header → value maps (cells are separated by at least three spaces). */
@@ -170,6 +175,9 @@ test.serial('claim, get claims, release, get claims --all: the claim lifecycle t
   const unknown = await c.cli('release', '00000000-0000-4000-8000-000000000000', '--server', c.server);
   t.is(unknown.code, 1);
   t.regex(unknown.err, /^error: claim 00000000-0000-4000-8000-000000000000 not found$/);
+  const deleted = await c.cli('delete', 'claim', id!);
+  t.is(deleted.code, 2);
+  t.is(deleted.err, `error: claims are ended through the daemon: polydev-reconciler release ${id}`);
   const missing = await c.cli('get', 'claim', 'nope');
   t.is(missing.code, 1);
   t.regex(missing.err, /Claim "nope" not found/);
@@ -191,14 +199,15 @@ test.serial('claim beyond maxPerUser is exit 1 (TOO_MANY_REQUESTS); an exhausted
   t.is(again.out, '');
   t.is(again.err, `error: user alice already holds 1 open claim(s) on pool ${POOL} (maxPerUser 1); release one first`);
 
-  // Four users hold all of maxSize 4; a fifth finds nothing warm and no room to start one.
+  // Four users hold all of maxSize 4 (no refill fits any more); a fifth finds nothing warm and
+  // no room to start one.
   for (const user of ['bob', 'carol', 'dave']) {
-    await settled(c);
+    await warmOne(c);
     const r = await claim(user);
     t.is(r.code, 0, `${user}: ${r.err}`);
     t.regex(r.out, CLAIM_LINE);
   }
-  await settled(c);
+  t.like(memberCounts(c.daemon.store, POOL), { claimed: 4, warm: 0 });
   const exhausted = await claim('erin');
   t.is(exhausted.code, 1, exhausted.out);
   t.regex(exhausted.err, /^error: pool wp has no warm container and is at maxSize \(4\); retry later \(retry after \d+s\)$/);

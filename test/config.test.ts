@@ -107,6 +107,8 @@ test('every setting has an environment variable that works', (t) => {
     database: 'a.db', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error',
     resyncInterval: '2s', workers: '9', applyDebounce: '1s', maxPrune: '1', eventRetention: '1',
     shutdownTimeout: '1s', onceTimeout: '1h', 'iptables.backend': 'legacy', 'iptables.netns': 'ns1', 'iptables.createNetns': 'true',
+    'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'warmPools.parallelism': '3',
+    'warmPools.claimHistory': '50',
   };
   const env: Record<string, string> = {};
   for (const s of SETTINGS) {
@@ -120,6 +122,9 @@ test('every setting has an environment variable that works', (t) => {
   t.deepEqual(cfg.iptables, { backend: 'legacy', netns: 'ns1', createNetns: true });
   t.deepEqual(cfg.listen, { host: 'localhost', port: 1 });
   t.is(cfg.maxPrune, 1);
+  t.deepEqual(cfg.docker, { socket: '/run/d.sock', network: 'none' });
+  t.deepEqual(cfg.process, { runDir: '/dev/shm/x' });
+  t.deepEqual(cfg.warmPools, { parallelism: 3, claimHistory: 50 });
 });
 
 test('an unknown key is an error naming file:line:col and the key', (t) => {

@@ -308,7 +308,8 @@ test.serial('a bad command is StartFailed; an unreachable engine is EngineUnavai
   const { dockerd } = t.context;
   const p = await poolEnv(t, dockerd, [{ name: 'badcmd', image: dockerd.image, command: ['/no/such/binary'], size: 1, maxSize: 1 }]);
   await waitFor('StartFailed', () => p.daemon.store.getResource('WarmPool', 'badcmd')?.status?.conditions.find((c) => c.type === 'Ready')?.reason === 'StartFailed', 30_000);
-  t.is((await containersOf(dockerd, owner(p))).length, 0);
+  // A retry may be between its create and the removal of the failed container: wait it out.
+  await waitFor('nothing left behind', async () => (await containersOf(dockerd, owner(p))).length === 0, 15_000);
 
   const q = await poolEnv(t, undefined, [{ name: 'nodocker', image: dockerd.image, size: 1, maxSize: 1 }], {
     config: { docker: { socket: `${t.context.dockerd.dir}/missing.sock`, network: 'none' } },

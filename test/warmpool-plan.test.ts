@@ -17,7 +17,7 @@ function desired(over: Partial<WarmPoolSpec> = {}, idleTimeoutMs?: number): Warm
     driftPolicy: 'correct',
     ...over,
   };
-  return { name: 'p', spec, specHash: specHashOf(spec), idleTimeoutMs, claimTtlMs: 3_600_000 };
+  return { name: 'p', spec, specHash: specHashOf(spec), idleTimeoutMs, claimTtlMs: 3_600_000, claimsToken: '' };
 }
 
 const HASH = desired().specHash;
@@ -235,6 +235,12 @@ const table: Array<{ title: string; d?: WarmPoolDesired; o: ReturnType<typeof ob
     title: 'recycle never returns a container of a stale spec',
     d: desired({ claim: { ttl: '1h', maxPerUser: 5, onRelease: 'recycle', workspaceDir: '/workspace' } }),
     o: observed([{ slot: 'a' }, { slot: 'b' }, { slot: 'd', state: 'releasing', hash: 'old' }]),
+    want: ['remove d released', 'start'],
+  },
+  {
+    title: 'recycle never returns a container started for a claim (it carries the claim label)',
+    d: desired({ claim: { ttl: '1h', maxPerUser: 5, onRelease: 'recycle', workspaceDir: '/workspace' } }),
+    o: observed([{ slot: 'a' }, { slot: 'b' }, { slot: 'd', state: 'releasing', container: { claim: 'k1' } }]),
     want: ['remove d released', 'start'],
   },
   {

@@ -90,7 +90,17 @@ interface ApiResponse {
   body: unknown;
 }
 
-async function callApi(server: string, method: string, path: string, token: string, body: unknown, timeoutMs: number): Promise<ApiResponse> {
+interface Call {
+  method: string;
+  path: string;
+  body?: unknown;
+  timeoutMs: number;
+  /** Added to the timeout message (what may have happened anyway). */
+  timeoutHint?: string;
+}
+
+async function callApi(server: string, token: string, call: Call): Promise<ApiResponse> {
+  const { method, path, body, timeoutMs } = call;
   const headers: Record<string, string> = { accept: 'application/json', authorization: `Bearer ${token}` };
   if (body !== undefined) headers['content-type'] = 'application/json';
   let res: Response;
@@ -104,7 +114,7 @@ async function callApi(server: string, method: string, path: string, token: stri
     });
     text = await res.text();
   } catch (err) {
-    throw unreachable(server, err, timeoutMs);
+    throw unreachable(server, err, call);
   }
   let parsed: unknown = text;
   try {
@@ -115,10 +125,10 @@ async function callApi(server: string, method: string, path: string, token: stri
   return { status: res.status, retryAfter: res.headers.get('retry-after'), body: parsed };
 }
 
-function unreachable(server: string, err: unknown, timeoutMs: number): CliError {
+function unreachable(server: string, err: unknown, call: Call): CliError {
   const e = err as Error & { cause?: { message?: string } };
   if (e.name === 'TimeoutError' || e.name === 'AbortError') {
-    return new CliError(`the daemon at ${server} did not answer within ${Math.round(timeoutMs / 1000)} s`);
+    return new CliError(`the daemon at ${server} did not answer within ${Math.round(call.timeoutMs / 1000)} s${call.timeoutHint ? `; ${call.timeoutHint}` : ''}`);
   }
   const why = e.cause?.message ?? e.message;
   return new CliError(`cannot reach the daemon at ${server}: ${why} (is \`polydev-reconciler run\` running?)`);
@@ -234,7 +244,13 @@ export async function claimCommand(pool: string, opts: ClaimOptions, cfg: Config
   };
   const server = serverUrl(opts.server, cfg);
   const token = readApiToken(opts.tokenFile, cfg);
-  const res = await callApi(server, 'POST', `/api/v1/pools/${encodeURIComponent(pool)}/claims`, token, body, CLAIM_TIMEOUT_MS);
+  const res = await callApi(server, token, {
+    method: 'POST',
+    path: `/api/v1/pools/${encodeURIComponent(pool)}/claims`,
+    body,
+    timeoutMs: CLAIM_TIMEOUT_MS,
+    timeoutHint: `the claim may still have been made: see \`polydev-reconciler get claims --user ${opts.user}\``,
+  });
   if (res.status !== 201) throw failure(res);
   if (!isClaimResult(res.body)) throw new CliError(`the daemon at ${server} answered 201 without a claim in the body`);
   const r = res.body;
@@ -253,7 +269,7 @@ export async function claimCommand(pool: string, opts: ClaimOptions, cfg: Config
 export async function releaseCommand(claimId: string, opts: ServerOptions, cfg: Config, io: Io): Promise<number> {
   const server = serverUrl(opts.server, cfg);
   const token = readApiToken(opts.tokenFile, cfg);
-  const res = await callApi(server, 'DELETE', `/api/v1/claims/${encodeURIComponent(claimId)}`, token, undefined, RELEASE_TIMEOUT_MS);
+  const res = await callApi(server, token, { method: 'DELETE', path: `/api/v1/claims/${encodeURIComponent(claimId)}`, timeoutMs: RELEASE_TIMEOUT_MS });
   if (res.status !== 200) throw failure(res);
   const status = (res.body as { status?: { phase?: unknown; containerName?: unknown; reason?: unknown } } | null)?.status ?? {};
   const phase = typeof status.phase === 'string' ? status.phase : 'Released';

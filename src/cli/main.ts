@@ -319,7 +319,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
   serverOptions(
     program
       .command('claim')
-      .description("bind a user to a container of a WarmPool (warm, or started now) through the running daemon")
+      .description('bind a user to a container of a WarmPool (warm, or started now) through the running daemon')
       .argument('<pool>', 'WarmPool name')
       .requiredOption('--user <id>', 'the user the container is bound to')
       .option('--ttl <duration>', "lifetime of the claim, e.g. 30m or 2h (default: the pool's claim.ttl)")
@@ -341,14 +341,12 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
         '  polydev-reconciler claim claude --user alice --ttl 2h --env-file ./alice.env --file config.json=./cfg.json',
       ].join('\n'),
     )
-    .action(
-      action((pool: string, opts: ClaimOptions) => claimCommand(pool, opts, config(), io)),
-    );
+    .action(action((pool: string, opts: ClaimOptions) => claimCommand(pool, opts, config(), io)));
 
   serverOptions(
     program
       .command('release')
-      .description("end a claim through the running daemon; its container is destroyed or recycled (exit 1: unknown claim)")
+      .description('end a claim through the running daemon; its container is destroyed or recycled (exit 1: unknown claim)')
       .argument('<claim-id>'),
   ).action(action((claimId: string, opts: ServerOptions) => releaseCommand(claimId, opts, config(), io)));
 

@@ -216,6 +216,7 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
     '--storage-driver=vfs',
     '--iptables=false',
     '--ip-masq=false',
+    // Leave the host's sysctls alone (dockerd would turn on net.ipv4.ip_forward).
     '--ip-forward=false',
     '--bridge=none',
     '--userland-proxy=false',

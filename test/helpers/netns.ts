@@ -69,6 +69,9 @@ export async function createNetns(opts: { addresses?: string[] } = {}): Promise<
   };
   try {
     await run(ip, ['-n', name, 'link', 'set', 'lo', 'up']);
+    // A new namespace inherits IPv4 forwarding from the host's (devconf_inherit_init_net 0):
+    // start every test from the kernel default, whatever the host has.
+    await run(ip, ['netns', 'exec', name, 'sh', '-c', 'echo 0 > /proc/sys/net/ipv4/ip_forward']);
     for (const addr of opts.addresses ?? []) {
       await run(ip, ['-n', name, 'addr', 'add', addr, 'dev', 'lo']);
     }

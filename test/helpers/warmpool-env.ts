@@ -23,6 +23,7 @@ export interface WarmPoolOptions {
   idleTimeout?: string;
   claim?: Record<string, unknown>;
   provider?: string;
+  driftPolicy?: 'correct' | 'warn' | 'ignore';
 }
 
 export function warmPoolDoc(o: WarmPoolOptions): Record<string, unknown> {
@@ -34,7 +35,7 @@ export function warmPoolDoc(o: WarmPoolOptions): Record<string, unknown> {
     maxSize: o.maxSize,
   };
   if (o.image) spec.image = o.image;
-  for (const k of ['env', 'resources', 'idleResources', 'idleTimeout', 'claim'] as const) if (o[k] !== undefined) spec[k] = o[k];
+  for (const k of ['env', 'resources', 'idleResources', 'idleTimeout', 'claim', 'driftPolicy'] as const) if (o[k] !== undefined) spec[k] = o[k];
   return { apiVersion: 'polydev.ai/v1alpha1', kind: 'WarmPool', metadata: { name: o.name }, spec };
 }
 
@@ -123,7 +124,9 @@ export async function poolEnv(
         () => {
           const m = members(pool);
           const status = daemon.store.getResource('WarmPool', pool)?.status;
-          return m.filter((x) => x.state === 'warm').length === warm && status?.phase === 'Ready';
+          const q = daemon.manager.queue;
+          // Idle too: a run still settling could otherwise take what the test does next as its own work.
+          return m.filter((x) => x.state === 'warm').length === warm && status?.phase === 'Ready' && q.depth === 0 && q.busy === 0;
         },
         timeoutMs,
       );

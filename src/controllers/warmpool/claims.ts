@@ -155,12 +155,12 @@ export class ClaimService {
   async claim(poolName: string, input: ClaimInput): Promise<ClaimResult> {
     const started = performance.now();
     const { store, metrics, controller } = this.opts;
-    let d: WarmPoolDesired;
+    // An unknown pool is not counted: its name comes from the URL and must not become a label.
+    const d = this.pool(poolName);
     try {
       validateClaimInput(input);
-      d = this.pool(poolName);
     } catch (err) {
-      metrics.claimsTotal.inc({ pool: poolName, result: 'rejected' });
+      metrics.claimsTotal.inc({ pool: d.name, result: 'rejected' });
       throw err;
     }
     const now = Date.now();
@@ -184,7 +184,9 @@ export class ClaimService {
       if (err instanceof ClaimError) {
         const result = err.code === 'TOO_MANY_REQUESTS' ? 'too_many' : 'exhausted';
         metrics.claimsTotal.inc({ pool: d.name, result });
-        throw new ClaimServiceError(err.code as ClaimServiceCode, err.message, err.code === 'POOL_EXHAUSTED' ? 5 : undefined);
+        // A container of a refill is moments from warm: retry soon; otherwise room comes with a release.
+        const retry = err.code === 'POOL_EXHAUSTED' ? (memberCounts(store, d.name).starting > 0 ? 1 : 5) : undefined;
+        throw new ClaimServiceError(err.code as ClaimServiceCode, err.message, retry);
       }
       throw err;
     }

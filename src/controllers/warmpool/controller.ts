@@ -4,6 +4,7 @@ import type { DriftPolicy } from '../../runtime/convergence-machine.js';
 import type { ControllerContext, ConvergingController, SettledRun } from '../../runtime/controller.js';
 import {
   adoptMember,
+  claimsToken,
   endClaim,
   forgetMember,
   listMembers,
@@ -83,7 +84,9 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
   }
 
   desired(resource: StoredResource): WarmPoolDesired {
-    return warmPoolDesired(resource);
+    const d = warmPoolDesired(resource);
+    d.claimsToken = claimsToken(this.opts.store, d.name, Date.now(), d.idleTimeoutMs);
+    return d;
   }
 
   driftPolicy(resource: StoredResource): DriftPolicy {
@@ -92,7 +95,9 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
 
   fingerprint(d: WarmPoolDesired): string {
     const { spec } = d;
-    return `${d.specHash}:${spec.size}:${spec.maxSize}:${spec.idleTimeout ?? ''}:${spec.claim.onRelease}`;
+    // Claims are part of it: the refill after a claim and the removal after a release are the
+    // pool doing its job, not drift. Drift is what nobody asked for (a container that died).
+    return `${d.specHash}:${spec.size}:${spec.maxSize}:${spec.idleTimeout ?? ''}:${spec.claim.onRelease}:${d.claimsToken}`;
   }
 
   /** Slots this process is starting for a pool (refills and cold claims). */
@@ -279,8 +284,20 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
   async teardown(resource: StoredResource): Promise<void> {
     const { store } = this.opts;
     const d = this.desired(resource);
-    const engine = this.engineFor(d);
     const now = Date.now();
+    let engine: Engine;
+    try {
+      engine = this.engineFor(d);
+    } catch (err) {
+      // An engine this daemon does not have can hold nothing of ours unless the store says so.
+      if (listMembers(store, d.name).length === 0) {
+        store.transaction(() => {
+          for (const c of openClaims(store, d.name)) endClaim(store, c.id, 'failed', 'the pool was deleted', now);
+        });
+        return;
+      }
+      throw err;
+    }
     store.transaction(() => {
       for (const c of openClaims(store, d.name)) endClaim(store, c.id, 'failed', 'the pool was deleted', now);
     });

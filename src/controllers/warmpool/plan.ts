@@ -156,7 +156,8 @@ export function planWarmPool(d: WarmPoolDesired, o: WarmPoolObserved): WarmPoolA
   let recycle = 0;
   for (const c of releasing.sort((a, b) => a.createdAt - b.createdAt)) {
     const needed = spec.size - fresh.length - starting - recycle > 0;
-    if (spec.claim.onRelease === 'recycle' && c.specHash === d.specHash && ready(c) && needed) {
+    // A container started for a claim carries that claim's label for good: it is not recycled.
+    if (spec.claim.onRelease === 'recycle' && c.specHash === d.specHash && c.claim === undefined && ready(c) && needed) {
       actions.push({ type: 'recycle', container: c, slot: c.slot });
       recycle++;
     } else remove(c, 'released');

@@ -30,6 +30,11 @@ export interface WarmPoolDesired {
   specHash: string;
   idleTimeoutMs: number | undefined;
   claimTtlMs: number;
+  /**
+   * Changes whenever claims make work for the pool (a claim made, released or due to expire):
+   * part of the fingerprint, so that refills and releases are expected work, not drift.
+   */
+  claimsToken: string;
 }
 
 export interface WarmPoolObserved {
@@ -64,7 +69,7 @@ export type WarmPoolAction =
   | { type: 'forget'; slot: string; reason: string }
   | { type: 'endClaim'; claimId: string; state: 'expired' | 'failed'; reason: string };
 
-export function warmPoolDesired(resource: StoredResource): WarmPoolDesired {
+export function warmPoolDesired(resource: StoredResource, claimsToken = ''): WarmPoolDesired {
   const spec = resource.spec as unknown as WarmPoolSpec;
   return {
     name: resource.metadata.name,
@@ -72,6 +77,7 @@ export function warmPoolDesired(resource: StoredResource): WarmPoolDesired {
     specHash: specHashOf(spec),
     idleTimeoutMs: spec.idleTimeout ? parseDuration(spec.idleTimeout) : undefined,
     claimTtlMs: parseDuration(spec.claim.ttl),
+    claimsToken,
   };
 }
 
