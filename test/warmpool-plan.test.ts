@@ -1,7 +1,7 @@
 import test from 'ava';
 import type { ObservedContainer } from '../src/controllers/warmpool/engine.js';
 import { planOrphans, planWarmPool } from '../src/controllers/warmpool/plan.js';
-import { specHashOf, type WarmPoolAction, type WarmPoolDesired, type WarmPoolSpec } from '../src/controllers/warmpool/types.js';
+import { isDriftAction, specHashOf, type WarmPoolAction, type WarmPoolDesired, type WarmPoolSpec } from '../src/controllers/warmpool/types.js';
 import type { ClaimRecord, MemberState, PoolMember } from '../src/state/pools.js';
 
 const NOW = 1_800_000_000_000;
@@ -17,7 +17,7 @@ function desired(over: Partial<WarmPoolSpec> = {}, idleTimeoutMs?: number): Warm
     driftPolicy: 'correct',
     ...over,
   };
-  return { name: 'p', spec, specHash: specHashOf(spec), idleTimeoutMs, claimTtlMs: 3_600_000, claimsToken: '' };
+  return { name: 'p', spec, specHash: specHashOf(spec), idleTimeoutMs, claimTtlMs: 3_600_000 };
 }
 
 const HASH = desired().specHash;
@@ -354,4 +354,17 @@ test('orphans: containers of pools that do not exist, and only those', (t) => {
   const other = { ...containers[0]!, id: 'x', pool: 'gone-pool' };
   t.deepEqual(planOrphans(new Set(['p']), [...containers, other]).map((c) => c.id), ['x']);
   t.deepEqual(planOrphans(new Set(['p', 'gone-pool']), [...containers, other]), []);
+});
+
+test('drift: a refill after a claim or a release is the pool\'s own work; a dead or vanished container is drift', (t) => {
+  const claimed = observed([{ slot: 'a' }, { slot: 'b' }, { slot: 'c', state: 'claimed', claimId: 'k1' }], [{ id: 'k1', slot: 'c' }]);
+  t.false(planWarmPool(desired(), claimed).some(isDriftAction));
+  const released = observed([{ slot: 'a' }, { slot: 'b' }, { slot: 'c' }, { slot: 'd', state: 'releasing' }]);
+  t.false(planWarmPool(desired(), released).some(isDriftAction));
+  const expired = observed([{ slot: 'a' }, { slot: 'b' }, { slot: 'c' }, { slot: 'd', state: 'claimed', claimId: 'k1' }], [{ id: 'k1', slot: 'd', expiresAt: NOW - 1 }]);
+  t.false(planWarmPool(desired(), expired).some(isDriftAction));
+  const dead = observed([{ slot: 'a', container: { state: 'exited' } }, { slot: 'b' }, { slot: 'c' }]);
+  t.true(planWarmPool(desired(), dead).some(isDriftAction));
+  const vanished = observed([{ slot: 'a', container: 'gone' }, { slot: 'b' }, { slot: 'c' }]);
+  t.true(planWarmPool(desired(), vanished).some(isDriftAction));
 });

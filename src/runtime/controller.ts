@@ -56,6 +56,12 @@ export interface ConvergingController<Desired, Observed, Action> {
    */
   fingerprint?(desired: Desired): string;
   observe(desired: Desired): Promise<Observed>;
+  /**
+   * Of a non-empty plan while the desired state is unchanged: does it repair something nobody
+   * asked for (drift), or is it the resource's own expected work (a refill after a claim)?
+   * Default: every such plan is drift.
+   */
+  isDrift?(actions: Action[]): boolean;
   /** Pure: what to do to make observed match desired. Empty when converged. */
   plan(desired: Desired, observed: Observed): Action[];
   describe(action: Action): string;

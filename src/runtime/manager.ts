@@ -310,7 +310,8 @@ export class Manager {
           return {
             changes: actions.length,
             summary: actions.slice(0, SUMMARY_LIMIT).map((a) => c.describe(a)),
-            desiredChanged: fingerprint !== lastFingerprint,
+            // Expected work (see isDrift) is treated like a change being rolled out: done, not counted.
+            desiredChanged: fingerprint !== lastFingerprint || (actions.length > 0 && c.isDrift !== undefined && !c.isDrift(actions)),
           };
         }),
         execute: fromExecute(async () => {

@@ -428,23 +428,3 @@ export function memberCountsByPool(store: Store): Array<{ pool: string; state: s
     n: number;
   }>;
 }
-
-/**
- * A digest of the work a pool's own life makes: a claim made or ended, a claim falling due, a warm
- * container reaching idleTimeout. It moves whenever such work appears.
- */
-export function claimsToken(store: Store, pool: string, now: number, idleTimeoutMs?: number): string {
-  const r = store
-    .stmt(
-      `SELECT count(*) AS n, coalesce(max(created_at), 0) AS made, coalesce(max(ended_at), 0) AS ended,
-              sum(CASE WHEN state IN ('pending', 'bound') AND expires_at <= ? THEN 1 ELSE 0 END) AS due
-       FROM claims WHERE pool = ?`,
-    )
-    .get(now, pool) as { n: number; made: number; ended: number; due: number | null };
-  const idle =
-    idleTimeoutMs === undefined
-      ? 0
-      : (store.stmt(`SELECT count(*) AS n FROM pool_members WHERE pool = ? AND state = 'warm' AND ready_at <= ?`)
-          .get(pool, now - idleTimeoutMs) as { n: number }).n;
-  return `${r.n}:${r.made}:${r.ended}:${r.due ?? 0}:${idle}`;
-}

@@ -4,7 +4,6 @@ import type { DriftPolicy } from '../../runtime/convergence-machine.js';
 import type { ControllerContext, ConvergingController, SettledRun } from '../../runtime/controller.js';
 import {
   adoptMember,
-  claimsToken,
   endClaim,
   forgetMember,
   listMembers,
@@ -35,6 +34,7 @@ import { planOrphans, planWarmPool } from './plan.js';
 import {
   describeAction,
   idleResourcesOf,
+  isDriftAction,
   warmPoolDesired,
   type WarmPoolAction,
   type WarmPoolDesired,
@@ -84,9 +84,7 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
   }
 
   desired(resource: StoredResource): WarmPoolDesired {
-    const d = warmPoolDesired(resource);
-    d.claimsToken = claimsToken(this.opts.store, d.name, Date.now(), d.idleTimeoutMs);
-    return d;
+    return warmPoolDesired(resource);
   }
 
   driftPolicy(resource: StoredResource): DriftPolicy {
@@ -95,9 +93,12 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
 
   fingerprint(d: WarmPoolDesired): string {
     const { spec } = d;
-    // Claims are part of it: the refill after a claim and the removal after a release are the
-    // pool doing its job, not drift. Drift is what nobody asked for (a container that died).
-    return `${d.specHash}:${spec.size}:${spec.maxSize}:${spec.idleTimeout ?? ''}:${spec.claim.onRelease}:${d.claimsToken}`;
+    return `${d.specHash}:${spec.size}:${spec.maxSize}:${spec.idleTimeout ?? ''}:${spec.claim.onRelease}`;
+  }
+
+  /** A refill after a claim or the removal after a release is the pool doing its job, not drift. */
+  isDrift(actions: WarmPoolAction[]): boolean {
+    return actions.some(isDriftAction);
   }
 
   /** Slots this process is starting for a pool (refills and cold claims). */

@@ -30,11 +30,6 @@ export interface WarmPoolDesired {
   specHash: string;
   idleTimeoutMs: number | undefined;
   claimTtlMs: number;
-  /**
-   * Changes whenever claims make work for the pool (a claim made, released or due to expire):
-   * part of the fingerprint, so that refills and releases are expected work, not drift.
-   */
-  claimsToken: string;
 }
 
 export interface WarmPoolObserved {
@@ -69,7 +64,7 @@ export type WarmPoolAction =
   | { type: 'forget'; slot: string; reason: string }
   | { type: 'endClaim'; claimId: string; state: 'expired' | 'failed'; reason: string };
 
-export function warmPoolDesired(resource: StoredResource, claimsToken = ''): WarmPoolDesired {
+export function warmPoolDesired(resource: StoredResource): WarmPoolDesired {
   const spec = resource.spec as unknown as WarmPoolSpec;
   return {
     name: resource.metadata.name,
@@ -77,7 +72,6 @@ export function warmPoolDesired(resource: StoredResource, claimsToken = ''): War
     specHash: specHashOf(spec),
     idleTimeoutMs: spec.idleTimeout ? parseDuration(spec.idleTimeout) : undefined,
     claimTtlMs: parseDuration(spec.claim.ttl),
-    claimsToken,
   };
 }
 
@@ -117,5 +111,22 @@ export function describeAction(a: WarmPoolAction): string {
       return `forget slot ${a.slot} (${a.reason})`;
     case 'endClaim':
       return `end claim ${a.claimId} (${a.state}: ${a.reason})`;
+  }
+}
+
+/**
+ * Whether a plan repairs something nobody asked for. Starts (refills after claims), ended claims,
+ * released, rolled, idle and excess containers are the pool's own work; a container that died,
+ * a row whose container vanished, or an owned container nobody recorded is drift.
+ */
+export function isDriftAction(a: WarmPoolAction): boolean {
+  switch (a.type) {
+    case 'remove':
+      return a.reason === 'exited' || a.reason === 'unhealthy' || a.reason === 'untracked' || a.reason === 'duplicate';
+    case 'adopt':
+    case 'forget':
+      return true;
+    default:
+      return false;
   }
 }
