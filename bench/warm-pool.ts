@@ -348,6 +348,46 @@ async function waitIdle(d: DaemonProc, pools: string[], warm: number, timeoutMs:
   }
 }
 
+/** On-CPU and runqueue-wait nanoseconds of a thread (/proc/PID/task/TID/schedstat). */
+function schedstat(pid: number, tid = pid): { runNs: number; waitNs: number } {
+  try {
+    const [run, wait] = fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').trim().split(/\s+/).map(Number);
+    return { runNs: run ?? NaN, waitNs: wait ?? NaN };
+  } catch {
+    return { runNs: NaN, waitNs: NaN };
+  }
+}
+
+/** Busy and total jiffies of the whole machine (/proc/stat). */
+function machineJiffies(): { busy: number; total: number } {
+  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  const idle = (f[3] ?? 0) + (f[4] ?? 0);
+  return { busy: total - idle, total };
+}
+
+interface CpuWindow {
+  /** The daemon's main (JavaScript) thread: time on a CPU, and time runnable but waiting for one. */
+  daemonMainCpuMs: number;
+  daemonMainRunqueueWaitMs: number;
+  /** Share of both CPUs busy (anything on the machine) over the window, from /proc/stat (10 ms ticks). */
+  machineBusyPct: number;
+}
+
+function cpuWindow(pid: number): () => CpuWindow {
+  const s0 = schedstat(pid);
+  const j0 = machineJiffies();
+  return () => {
+    const s1 = schedstat(pid);
+    const j1 = machineJiffies();
+    return {
+      daemonMainCpuMs: round((s1.runNs - s0.runNs) / 1e6, 2),
+      daemonMainRunqueueWaitMs: round((s1.waitNs - s0.waitNs) / 1e6, 2),
+      machineBusyPct: j1.total > j0.total ? Math.round((100 * (j1.busy - j0.busy)) / (j1.total - j0.total)) : NaN,
+    };
+  };
+}
+
 function loadavg(): number[] {
   return os.loadavg().map((x) => round(x, 2));
 }
@@ -360,6 +400,7 @@ interface BurstRun {
   socketsWarmed: number;
   /** 200 concurrent GET /healthz over the warmed sockets, just before: the HTTP floor. */
   healthz: ReturnType<typeof summarize>;
+  healthzCpu: CpuWindow;
   client: ReturnType<typeof summarize>;
   server: ReturnType<typeof summarize>;
   /** First send → last response. */
@@ -371,6 +412,8 @@ interface BurstRun {
   /** Containers the daemon had started (stats.starting) right after the last response: the refill under way. */
   startingAfter: number;
   loadavg1: number;
+  /** Where the daemon's main thread was during the burst (first send → last response). */
+  cpu: CpuWindow;
   /** CLOCK_MONOTONIC µs at the first send and the last response (to cut a daemon --cpu-prof profile to the burst). */
   windowMonotonicUs: [number, number];
   /** Pool idle again after the release: waiting time (refill of 200 + removal of 200). */
@@ -391,10 +434,13 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
       return origCreate(...args);
     }) as typeof origCreate;
     // The HTTP floor: the same burst shape on the same sockets, on the cheapest route.
+    const hzDone = cpuWindow(d.pid);
     const hz = await Promise.all(Array.from({ length: CONCURRENT_CLAIMS }, () => request(d.port, 'GET', '/healthz', { agent })));
+    const healthzCpu = hzDone();
     await sleep(300);
     const load = os.loadavg()[0]!;
     const m0 = Number(process.hrtime.bigint() / 1000n);
+    const cpuDone = cpuWindow(d.pid);
     const t0 = performance.now();
     const results = await Promise.all(
       Array.from({ length: CONCURRENT_CLAIMS }, (_, i) =>
@@ -402,6 +448,7 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
       ),
     );
     const burstMs = performance.now() - t0;
+    const cpu = cpuDone();
     const m1 = Number(process.hrtime.bigint() / 1000n);
     const after = await stats(d, pool);
     const statuses: Record<string, number> = {};
@@ -430,6 +477,7 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
     return {
       socketsWarmed,
       healthz: summarize(hz.map((r) => r.ms)),
+      healthzCpu,
       client: summarize(results.map((r) => r.ms)),
       server: summarize(server),
       burstMs: round(burstMs),
@@ -438,6 +486,7 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
       socketsOpenedDuringBurst: created,
       startingAfter: after.starting,
       loadavg1: round(load, 2),
+      cpu,
       windowMonotonicUs: [m0, m1],
       recoverMs: Math.round(performance.now() - r0),
     };
@@ -693,7 +742,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       const bursts: BurstRun[] = [];
       for (let i = 0; i < runs; i++) {
         const b = await burst(a, 'hot', `r${i}`);
-        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; recovered in ${b.recoverMs} ms`);
+        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; load ${b.loadavg1}; recovered in ${b.recoverMs} ms`);
         bursts.push(b);
       }
       // Diagnostic: the same burst when no refill can start (maxSize = size: the claimed 200 fill
@@ -706,7 +755,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       const noRefill: BurstRun[] = [];
       for (let i = 0; i < noRefillRuns; i++) {
         const b = await burst(a, 'hot', `n${i}`);
-        log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; starting after ${b.startingAfter}`);
+        log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; starting after ${b.startingAfter}`);
         noRefill.push(b);
       }
       log(`cold claims: ${COLD_CLAIMS} sequential on a pool of size 0`);
