@@ -1,5 +1,7 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
 // BENCH_ONLY=proxy|warm-pool runs one; BENCH_RUNS sets the runs per figure (default 5).
+// Warm-pool only, for investigations: BENCH_WARM_POOL_PARTS=claims,refill,rss (default all),
+// BENCH_RSS_RUNS (default 2), BENCH_CPU_PROFILE=1 (profile the daemon during the claim bursts).
 // Needs root (network namespaces, dockerd); everything it creates is deleted when it ends.
 // Exits 1 if any goal is unmet.
 import fs from 'node:fs';

@@ -145,6 +145,8 @@ async function startDaemon(opts: {
   image: string;
   resyncInterval: string;
   pools: PoolDef[];
+  /** Extra node flags (the CPU profile of BENCH_CPU_PROFILE). */
+  nodeFlags?: string[];
 }): Promise<DaemonProc> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `pdwp-d${daemonCounter++}-`));
   cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -177,9 +179,7 @@ async function startDaemon(opts: {
   const logFd = fs.openSync(logFile, 'a');
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('POLYDEV_') && k !== 'NODE_OPTIONS') env[k] = v;
-  // BENCH_DAEMON_NODE_OPTIONS: extra flags for investigations (e.g. --cpu-prof); not set by default.
-  const extraFlags = (process.env['BENCH_DAEMON_NODE_OPTIONS'] ?? '').split(/\s+/).filter(Boolean);
-  const child: ChildProcess = spawn(process.execPath, ['--max-semi-space-size=2', ...extraFlags, opts.main, 'run', '--config', path.join(dir, 'config.yaml')], {
+  const child: ChildProcess = spawn(process.execPath, ['--max-semi-space-size=2', ...(opts.nodeFlags ?? []), opts.main, 'run', '--config', path.join(dir, 'config.yaml')], {
     cwd: dir,
     stdio: ['ignore', logFd, logFd],
     env,
@@ -370,19 +370,24 @@ interface CpuWindow {
   /** The daemon's main (JavaScript) thread: time on a CPU, and time runnable but waiting for one. */
   daemonMainCpuMs: number;
   daemonMainRunqueueWaitMs: number;
+  /** The client's (this process') main thread on a CPU: sending 200 requests and reading 200 answers. */
+  clientMainCpuMs: number;
   /** Share of both CPUs busy (anything on the machine) over the window, from /proc/stat (10 ms ticks). */
   machineBusyPct: number;
 }
 
 function cpuWindow(pid: number): () => CpuWindow {
   const s0 = schedstat(pid);
+  const c0 = schedstat(process.pid);
   const j0 = machineJiffies();
   return () => {
     const s1 = schedstat(pid);
+    const c1 = schedstat(process.pid);
     const j1 = machineJiffies();
     return {
       daemonMainCpuMs: round((s1.runNs - s0.runNs) / 1e6, 2),
       daemonMainRunqueueWaitMs: round((s1.waitNs - s0.waitNs) / 1e6, 2),
+      clientMainCpuMs: round((c1.runNs - c0.runNs) / 1e6, 2),
       machineBusyPct: j1.total > j0.total ? Math.round((100 * (j1.busy - j0.busy)) / (j1.total - j0.total)) : NaN,
     };
   };
@@ -669,6 +674,66 @@ async function rssRun(main: string, dockerd: Dockerd, netns: string, client: Doc
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// BENCH_CPU_PROFILE=1: daemon A runs with --cpu-prof, and the samples taken during the bursts
+// are sorted into what the main thread was doing. The profiler costs time itself: the latency
+// figures of such a run are not comparable with a normal one.
+
+interface CpuProfile {
+  nodes: Array<{ id: number; callFrame: { functionName: string; url: string }; children?: number[] }>;
+  samples: number[];
+  timeDeltas: number[];
+  startTime: number;
+}
+
+const inClaim = (s: string[]) => s.some((f) => f.startsWith('claim claims.js'));
+/** First match wins; each frame is "functionName file.js". */
+const PROFILE_CATEGORIES: Array<[string, (stack: string[]) => boolean]> = [
+  ['GC', (s) => s[0]!.startsWith('(garbage collector)')],
+  ['idle (in epoll)', (s) => s[0]!.startsWith('(idle)')],
+  ['native, outside JS ((program))', (s) => s[0]!.startsWith('(program)')],
+  ['reconciles the claims enqueue (manager, controller, docker list)', (s) => !inClaim(s) && s.some((f) => /manager\.js|controller\.js|docker\.js|plan\.js|xstate|convergence/.test(f))],
+  ['claim: store.getResource of the pool', (s) => inClaim(s) && s.some((f) => f.startsWith('getResource store.js'))],
+  ['claim: warmPoolDesired (spec hash: canonical JSON + sha256)', (s) => inClaim(s) && s.some((f) => f.startsWith('warmPoolDesired '))],
+  ['claim: newSlot (randomBytes)', (s) => inClaim(s) && s.some((f) => f.startsWith('newSlot '))],
+  ['claim: SQL statements (claimContainer, getClaim, recordClaimLatency)', (s) => inClaim(s) && s.some((f) => /^(claimContainer|recordClaimLatency|getClaim) pools\.js/.test(f))],
+  ['claim: BEGIN IMMEDIATE / COMMIT (2 transactions per claim)', (s) => inClaim(s) && s.some((f) => /^(transaction|sqliteTransaction) /.test(f))],
+  ['claim: metrics (prom-client)', (s) => inClaim(s) && s.some((f) => /prom-client|histogram\.js|counter\.js/.test(f))],
+  ['claim: rest of ClaimService.claim', inClaim],
+  ['auth preHandler', (s) => s.some((f) => f.startsWith('requireToken '))],
+  ['HTTP: response (reply.send, serialisation, writev)', (s) => s.some((f) => /^(Reply\.send|writev|onSendEnd|onSendHook|end _http_outgoing|writeHead|resOnFinish|onFinish|_flush)/.test(f))],
+  ['HTTP: request (parse, body, JSON, routing)', (s) => s.some((f) => /parserOn|content-type-parser|route\.js|fastify\.js|handle-request|_http_incoming|_http_server|readable|onStreamRead/.test(f))],
+  ['other', () => true],
+];
+
+function attributeProfile(file: string, windows: Array<[number, number]>, claims: number): Array<{ what: string; ms: number; pct: number; usPerClaim: number }> {
+  const p = JSON.parse(fs.readFileSync(file, 'utf8')) as CpuProfile;
+  const nodes = new Map(p.nodes.map((n) => [n.id, n]));
+  const parent = new Map<number, number>();
+  for (const n of p.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
+  const frame = (id: number) => {
+    const n = nodes.get(id)!;
+    return `${n.callFrame.functionName} ${n.callFrame.url.replace(/.*\//, '')}`;
+  };
+  const us = new Map<string, number>(PROFILE_CATEGORIES.map(([k]) => [k, 0]));
+  let total = 0;
+  let t = p.startTime;
+  for (let i = 0; i < p.samples.length; i++) {
+    t += p.timeDeltas[i]!;
+    if (!windows.some(([a, b]) => t >= a && t <= b)) continue;
+    const dt = p.timeDeltas[i + 1] ?? 0;
+    total += dt;
+    const stack: string[] = [];
+    for (let id: number | undefined = p.samples[i]; id !== undefined; id = parent.get(id)) stack.push(frame(id));
+    const [k] = PROFILE_CATEGORIES.find(([, match]) => match(stack))!;
+    us.set(k, us.get(k)! + dt);
+  }
+  return [...us]
+    .filter(([, v]) => v > 0)
+    .sort((a, b) => b[1] - a[1])
+    .map(([what, v]) => ({ what, ms: round(v / 1000, 1), pct: round((100 * v) / total, 1), usPerClaim: Math.round(v / claims) }));
+}
+
 /** Warnings and errors the daemon logged (JSON lines with a level), for the raw JSON. */
 function logProblems(file: string): { warn: number; error: number; samples: string[] } {
   const out = { warn: 0, error: 0, samples: [] as string[] };
@@ -708,6 +773,9 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
   const started = performance.now();
   try {
     log('building src/ into a private directory');
+    const git = (args: string[]) => spawnSync('git', ['-C', ROOT, ...args], { encoding: 'utf8', timeout: 10_000 }).stdout?.trim() ?? '';
+    // What is built: HEAD, and whether src/ differed from it (others may be editing it).
+    const src = { commit: git(['rev-parse', 'HEAD']), dirty: git(['status', '--porcelain', '--', 'src']) !== '' };
     const main = buildPrivate();
     log('starting a private dockerd');
     const dockerd = await startDockerd({ name: 'wpbench' });
@@ -715,7 +783,12 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     const netns = netnsAdd();
     const client = new DockerClient({ socketPath: dockerd.socketPath, requestTimeoutMs: 60_000 });
     cleanups.push(() => client.close());
-    const raw: Record<string, unknown> = { parts: [...parts], dockerd: dockerd.timings, loadavgAtStart: loadavg() };
+    const raw: Record<string, unknown> = {
+      src,
+      parts: [...parts],
+      dockerd: dockerd.timings,
+      loadavgAtStart: loadavg(),
+    };
     const figures: BenchFigure[] = [];
     const m = (xs: number[]) => round(median(xs));
     const noRefillRuns = Math.min(runs, 2);
@@ -724,7 +797,10 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     // ---- 1 + 2: claim latency -------------------------------------------------------
     if (parts.has('claims')) {
       log(`daemon A: pool of ${CONCURRENT_CLAIMS} warm, ${runs} runs of ${CONCURRENT_CLAIMS} concurrent claims`);
+      const profDir = process.env['BENCH_CPU_PROFILE'] === '1' ? fs.mkdtempSync(path.join(os.tmpdir(), 'pdwp-prof-')) : undefined;
+      if (profDir) cleanups.push(() => fs.rmSync(profDir, { recursive: true, force: true }));
       const a = await startDaemon({
+        ...(profDir ? { nodeFlags: ['--cpu-prof', `--cpu-prof-dir=${profDir}`, '--cpu-prof-interval=200'] } : {}),
         main,
         dockerd,
         netns,
@@ -739,6 +815,15 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 600_000);
       raw.initialFill200Ms = Math.round(performance.now() - f0);
       raw.initialFill200LastRefillDurationMs = (await stats(a, 'hot')).lastRefillDurationMs;
+      // Warm-up (not measured): a few claims and releases, so the first run does not pay for
+      // compiling the claim path, as a daemon in service would not.
+      for (let i = 0; i < 10; i++) {
+        const r = await request(a.port, 'POST', '/api/v1/pools/hot/claims', { auth: true, body: { userId: `warmup-u${i}` } });
+        if (r.status !== 201) throw new Error(`warm-up claim: ${r.status} ${r.text.slice(0, 300)}`);
+        const del = await request(a.port, 'DELETE', `/api/v1/claims/${(JSON.parse(r.text) as { claimId: string }).claimId}`, { auth: true });
+        if (del.status !== 200) throw new Error(`warm-up release: ${del.status} ${del.text.slice(0, 300)}`);
+      }
+      await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 120_000);
       const bursts: BurstRun[] = [];
       for (let i = 0; i < runs; i++) {
         const b = await burst(a, 'hot', `r${i}`);
@@ -767,6 +852,17 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       raw.daemonAMemoryAtEnd = a.memory();
       await a.stop();
       await removeByLabel(client, `${LABELS.managedBy}=${MANAGED_BY}`);
+      if (profDir) {
+        const file = fs.readdirSync(profDir).find((f) => f.endsWith('.cpuprofile'));
+        if (!file) throw new Error(`BENCH_CPU_PROFILE: the daemon wrote no profile into ${profDir}`);
+        const prof = path.join(profDir, file);
+        raw.burstProfile = {
+          note: 'daemon main thread, --cpu-prof-interval=200 µs, samples between the first send and the last response of each burst; sample time is wall time (includes time preempted); this run\'s latencies include the profiler\'s cost',
+          bursts: attributeProfile(prof, bursts.map((x) => x.windowMonotonicUs), bursts.length * CONCURRENT_CLAIMS),
+          burstsNoRefill: attributeProfile(prof, noRefill.map((x) => x.windowMonotonicUs), noRefill.length * CONCURRENT_CLAIMS),
+        };
+        for (const c of (raw.burstProfile as { bursts: Array<{ what: string; pct: number; usPerClaim: number }> }).bursts) log(`  profile: ${String(c.pct).padStart(5)}% ${String(c.usPerClaim).padStart(4)} µs/claim  ${c.what}`);
+      }
       const p99 = m(bursts.map((x) => x.client.p99));
       figures.push(
         { name: `claim, ${CONCURRENT_CLAIMS} concurrent on ${CONCURRENT_CLAIMS} warm: client p50`, value: m(bursts.map((x) => x.client.p50)), unit: 'ms' },
@@ -776,7 +872,12 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
         { name: '  server-side latencyMs p99', value: m(bursts.map((x) => x.server.p99)), unit: 'ms' },
         { name: '  first send → last response (whole burst)', value: m(bursts.map((x) => x.burstMs)), unit: 'ms' },
         { name: '  warm hits', value: median(bursts.map((x) => x.warmHits)), unit: 'count', goal: `${CONCURRENT_CLAIMS}`, met: bursts.every((x) => x.warmHits === CONCURRENT_CLAIMS) },
-        { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
+        { name: '  daemon main thread on CPU during the burst', value: m(bursts.map((x) => x.cpu.daemonMainCpuMs)), unit: 'ms' },
+        { name: '  daemon main thread runnable but waiting for a CPU', value: m(bursts.map((x) => x.cpu.daemonMainRunqueueWaitMs)), unit: 'ms' },
+        { name: '  client (this process) main thread on CPU during the burst', value: m(bursts.map((x) => x.cpu.clientMainCpuMs)), unit: 'ms' },
+        { name: '  daemon main-thread CPU per claim (HTTP included)', value: m(bursts.map((x) => (x.cpu.daemonMainCpuMs * 1000) / CONCURRENT_CLAIMS)), unit: 'µs' },
+        { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, client p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
+        { name: '  HTTP floor: daemon main-thread CPU per GET /healthz', value: m(bursts.map((x) => (x.healthzCpu.daemonMainCpuMs * 1000) / CONCURRENT_CLAIMS)), unit: 'µs' },
         { name: '  same claim burst, no refill possible (maxSize = size): p99', value: m(noRefill.map((x) => x.client.p99)), unit: 'ms' },
         { name: `cold-start claim (pool size 0), ${COLD_CLAIMS} sequential: client p50`, value: m(cold.client), unit: 'ms' },
         { name: '  server-side latencyMs p50', value: m(cold.server), unit: 'ms' },
@@ -833,7 +934,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     const method = {
       daemon: `the compiled build of src/ (tsc into a private dir under dist/), run as \`node --max-semi-space-size=2 src/main.js run --config …\` in its own process, logLevel info to a file, workers 4 (default), warmPools.parallelism ${PARALLELISM}, applyDebounce 50ms, docker {network: none}, iptables.netns a namespace made for the bench (no ProxyPool)`,
       dockerd: 'private dockerd 20.10 from test/helpers/dockerd.ts: vfs storage, --bridge=none, --iptables=false; image: local busybox import; containers run `sleep 100000`',
-      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), node:http with http.Agent({keepAlive: true, maxSockets: ${CONCURRENT_CLAIMS}}); ${CONCURRENT_CLAIMS} concurrent GET /healthz open ${CONCURRENT_CLAIMS} connections first (raw.bursts[].socketsWarmed; socketsOpenedDuringBurst = 0 shows that the claims reused them), then a second /healthz burst on them (the HTTP floor), 300 ms pause, then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims issued in one synchronous loop, one per connection, distinct userIds, no env/files (no injection). Client latency: http.request() → last byte of the response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
+      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. After the initial fill, 10 claims and releases warm the claim path up (not measured). Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), node:http with http.Agent({keepAlive: true, maxSockets: ${CONCURRENT_CLAIMS}}); ${CONCURRENT_CLAIMS} concurrent GET /healthz open ${CONCURRENT_CLAIMS} connections first (raw.bursts[].socketsWarmed; socketsOpenedDuringBurst = 0 shows that the claims reused them), then a second /healthz burst on them (the HTTP floor), 300 ms pause, then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims issued in one synchronous loop, one per connection, distinct userIds, no env/files (no injection). Client latency: http.request() → last byte of the response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
       noRefill: `diagnostic (${noRefillRuns} runs): the same burst with the pool at maxSize = size, so the claimed containers fill maxSize and no refill can start during the burst (the reconciles the claims enqueue still run: list + plan)`,
       coldStart: `pool cold: size 0, maxSize ${COLD_CLAIMS * 2}; ${COLD_CLAIMS} claims one after another over one keep-alive connection; each creates, starts and inspects a container`,
       refill: `a separate daemon (fresh store, empty dockerd), pool refill maxSize ${REFILL_SIZE * 2} going from size 0 to size ${REFILL_SIZE}. The ratio uses status.lastRefillDurationMs: the controller's refill() from reserving the 30 slots in the store to the last container created, started, inspected and recorded warm (excludes the debounce, the apply, the queue and the observe that lists containers). End to end: from renaming the YAML into desiredStateDir (debounce 50ms) to the stats endpoint first showing 30 warm (polled every 20 ms). Baseline: the bench's own DockerClient, ${REFILL_SIZE} × (POST /containers/create with buildCreateBody of the same image/command/label keys, POST /containers/{id}/start), ${PARALLELISM} in flight (mapSettled, as the daemon); also measured with the driver's GET /containers/{id}/json after each start. Same dockerd, no other containers present, containers removed between measurements; baseline and daemon runs interleaved.`,
