@@ -13,7 +13,7 @@ import type { PrinterColumn } from '../desired/kinds.js';
 import { claimHistory, getClaim, listClaims, listMembers, memberCounts, type ClaimRecord } from '../state/pools.js';
 import type { Store } from '../state/store.js';
 import { parseDuration } from '../util/duration.js';
-import { age, CliError, EXIT, prefixLines, relativeTime, renderObjects, table, type OutputFormat } from './output.js';
+import { age, CliError, eventsSection, EXIT, prefixLines, relativeTime, renderObjects, table, type OutputFormat } from './output.js';
 
 export interface Io {
   out(text: string): void;
@@ -333,12 +333,7 @@ export function describeClaim(store: Store, id: string): string {
   kv('Ended', when(c.endedAt));
   kv('Reason', c.reason ?? '<none>');
   const events = store.listEvents({ kind: 'WarmPool', name: c.pool, limit: 500 }).filter((e) => e.message.includes(c.id));
-  lines.push('Events:');
-  lines.push(
-    events.length === 0
-      ? '  <none>'
-      : prefixLines(table(['LAST SEEN', 'TYPE', 'REASON', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, String(e.count), e.message])), '  '),
-  );
+  lines.push(...eventsSection(events));
   return lines.join('\n');
 }
 

@@ -21,7 +21,7 @@ import type { StoredResource } from '../state/types.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { lineDiff } from '../util/line-diff.js';
 import { claimCommand, describeClaim, getClaims, releaseCommand, warmPoolSections, type ClaimOptions, type Io, type ServerOptions } from './claims.js';
-import { age, CliError, EXIT, prefixLines, renderResources, table, type OutputFormat } from './output.js';
+import { age, CliError, eventsSection, EXIT, prefixLines, renderResources, table, type OutputFormat } from './output.js';
 
 export { EXIT };
 
@@ -501,12 +501,7 @@ function describe(r: StoredResource, store: Store, sections: string[] = []): str
   );
   lines.push(...sections);
   const events = store.listEvents({ kind: r.kind, name: r.metadata.name, limit: 20 });
-  lines.push('Events:');
-  lines.push(
-    events.length === 0
-      ? '  <none>'
-      : prefixLines(table(['LAST SEEN', 'TYPE', 'REASON', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, String(e.count), e.message])), '  '),
-  );
+  lines.push(...eventsSection(events));
   return lines.join('\n');
 }
 

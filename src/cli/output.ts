@@ -1,6 +1,6 @@
 import YAML from 'yaml';
 import type { PrinterColumn } from '../desired/kinds.js';
-import type { StoredResource } from '../state/types.js';
+import type { StoredEvent, StoredResource } from '../state/types.js';
 
 export type OutputFormat = 'table' | 'wide' | 'json' | 'yaml';
 
@@ -93,4 +93,14 @@ export function renderObjects(objects: ResourceObject[], columns: PrinterColumn[
     }),
   ]);
   return table(headers, rows);
+}
+
+/** The `Events:` block of `describe`: a table of events, or `<none>`. */
+export function eventsSection(events: StoredEvent[]): string[] {
+  return [
+    'Events:',
+    events.length === 0
+      ? '  <none>'
+      : prefixLines(table(['LAST SEEN', 'TYPE', 'REASON', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, String(e.count), e.message])), '  '),
+  ];
 }
