@@ -12,7 +12,7 @@
 //
 // Everything it creates (daemons, dockerd and its containers, the network namespace, temp
 // dirs, the private build) is removed when it ends, also on SIGINT/SIGTERM.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { fork, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -25,6 +25,7 @@ import { buildCreateBody, DockerClient, query } from '../src/drivers/docker.js';
 import { findExecutable } from '../src/drivers/iptables.js';
 import { mapSettled } from '../src/util/concurrency.js';
 import { startDockerd, TEST_LABEL, type Dockerd } from '../test/helpers/dockerd.js';
+import { encodeRequest, RawConnections } from './http-burst.js';
 import { median, summarize, type BenchFigure } from './stats.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -401,19 +402,17 @@ function loadavg(): number[] {
 // 1 + 2: claim latency (daemon A).
 
 interface BurstRun {
-  /** Free keep-alive sockets in the client's agent after the warm-up (should be 200). */
-  socketsWarmed: number;
-  /** 200 concurrent GET /healthz over the warmed sockets, just before: the HTTP floor. */
+  /** 200 concurrent GET /healthz on the same connections, just before: the daemon's HTTP floor. */
   healthz: ReturnType<typeof summarize>;
   healthzCpu: CpuWindow;
+  /** The same 200 POSTs against a bare node:http server (bench/floor-server.mjs): Node's own floor here. */
+  bareNode: ReturnType<typeof summarize>;
   client: ReturnType<typeof summarize>;
   server: ReturnType<typeof summarize>;
   /** First send → last response. */
   burstMs: number;
   statuses: Record<string, number>;
   warmHits: number;
-  /** New sockets the agent had to open during the burst (0 if every request reused a warm one). */
-  socketsOpenedDuringBurst: number;
   /** Containers the daemon had started (stats.starting) right after the last response: the refill under way. */
   startingAfter: number;
   loadavg1: number;
@@ -425,33 +424,39 @@ interface BurstRun {
   recoverMs: number;
 }
 
-async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun> {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: CONCURRENT_CLAIMS, maxFreeSockets: CONCURRENT_CLAIMS, keepAliveMsecs: 60_000 });
+/** A bare node:http server in a child process (the floor of the claim burst). */
+async function startBareNode(): Promise<{ port: number; stop(): void }> {
+  const child = fork(path.join(path.dirname(fileURLToPath(import.meta.url)), 'floor-server.mjs'), [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('message', (m) => resolve((m as { port: number }).port));
+    child.once('exit', (code) => reject(new Error(`floor-server.mjs exited (${code}) before listening`)));
+  });
+  return { port, stop: () => child.kill('SIGKILL') };
+}
+
+async function burst(d: DaemonProc, pool: string, run: string, bare: { port: number }): Promise<BurstRun> {
+  const conns = await RawConnections.open(d.port, CONCURRENT_CLAIMS);
+  const bareConns = await RawConnections.open(bare.port, CONCURRENT_CLAIMS);
   try {
-    let created = 0;
-    // Warm-up: 200 concurrent GET /healthz make the agent open 200 connections, which then stay open.
-    await Promise.all(Array.from({ length: CONCURRENT_CLAIMS }, () => request(d.port, 'GET', '/healthz', { agent })));
-    const free = () => Object.values(agent.freeSockets).reduce((n, list) => n + (list?.length ?? 0), 0);
-    const socketsWarmed = free();
-    const origCreate = agent.createConnection.bind(agent);
-    (agent as unknown as { createConnection: typeof origCreate }).createConnection = ((...args: Parameters<typeof origCreate>) => {
-      created++;
-      return origCreate(...args);
-    }) as typeof origCreate;
-    // The HTTP floor: the same burst shape on the same sockets, on the cheapest route.
+    const healthz = Array.from({ length: CONCURRENT_CLAIMS }, () => encodeRequest({ method: 'GET', path: '/healthz' }));
+    const claims = Array.from({ length: CONCURRENT_CLAIMS }, (_, i) =>
+      encodeRequest({ method: 'POST', path: `/api/v1/pools/${pool}/claims`, headers: { Authorization: `Bearer ${TOKEN}` }, body: { userId: `bench-${run}-u${i}` } }),
+    );
+    // Every connection carries one request first, so the burst meets no first-request cost.
+    await conns.burst(healthz);
+    // The HTTP floor: the same burst shape on the same connections, on the cheapest route.
     const hzDone = cpuWindow(d.pid);
-    const hz = await Promise.all(Array.from({ length: CONCURRENT_CLAIMS }, () => request(d.port, 'GET', '/healthz', { agent })));
+    const hz = await conns.burst(healthz);
     const healthzCpu = hzDone();
+    // Node's floor on this machine: the claim requests against a server that does nothing else.
+    await bareConns.burst(claims);
+    const bareNode = await bareConns.burst(claims);
     await sleep(300);
     const load = os.loadavg()[0]!;
     const m0 = Number(process.hrtime.bigint() / 1000n);
     const cpuDone = cpuWindow(d.pid);
     const t0 = performance.now();
-    const results = await Promise.all(
-      Array.from({ length: CONCURRENT_CLAIMS }, (_, i) =>
-        request(d.port, 'POST', `/api/v1/pools/${pool}/claims`, { agent, auth: true, body: { userId: `bench-${run}-u${i}` }, timeoutMs: 60_000 }),
-      ),
-    );
+    const results = await conns.burst(claims);
     const burstMs = performance.now() - t0;
     const cpu = cpuDone();
     const m1 = Number(process.hrtime.bigint() / 1000n);
@@ -463,7 +468,7 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
     for (const r of results) {
       statuses[r.status] = (statuses[r.status] ?? 0) + 1;
       if (r.status === 201) {
-        const body = JSON.parse(r.text) as { claimId: string; latencyMs: number; warm: boolean };
+        const body = JSON.parse(r.body) as { claimId: string; latencyMs: number; warm: boolean };
         server.push(body.latencyMs);
         ids.push(body.claimId);
         if (body.warm) warmHits++;
@@ -471,24 +476,23 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
     }
     if (statuses['201'] !== CONCURRENT_CLAIMS) {
       const bad = results.find((r) => r.status !== 201);
-      log(`run ${run}: not every claim succeeded: ${JSON.stringify(statuses)}; e.g. ${bad?.text.slice(0, 300)}`);
+      log(`run ${run}: not every claim succeeded: ${JSON.stringify(statuses)}; e.g. ${bad?.body.slice(0, 300)}`);
     }
     // Release every claim (the daemon destroys those containers; the refill is already under way).
-    const rel = await Promise.all(ids.map((id) => request(d.port, 'DELETE', `/api/v1/claims/${id}`, { agent, auth: true })));
+    const rel = await conns.burst(ids.map((id) => encodeRequest({ method: 'DELETE', path: `/api/v1/claims/${id}`, headers: { Authorization: `Bearer ${TOKEN}` } })));
     const relBad = rel.filter((r) => r.status !== 200).length;
-    if (relBad) throw new Error(`run ${run}: ${relBad} releases failed, e.g. ${rel.find((r) => r.status !== 200)?.text.slice(0, 300)}`);
+    if (relBad) throw new Error(`run ${run}: ${relBad} releases failed, e.g. ${rel.find((r) => r.status !== 200)?.body.slice(0, 300)}`);
     const r0 = performance.now();
     await waitIdle(d, [pool], CONCURRENT_CLAIMS, 300_000);
     return {
-      socketsWarmed,
       healthz: summarize(hz.map((r) => r.ms)),
       healthzCpu,
+      bareNode: summarize(bareNode.map((r) => r.ms)),
       client: summarize(results.map((r) => r.ms)),
       server: summarize(server),
       burstMs: round(burstMs),
       statuses,
       warmHits,
-      socketsOpenedDuringBurst: created,
       startingAfter: after.starting,
       loadavg1: round(load, 2),
       cpu,
@@ -496,7 +500,8 @@ async function burst(d: DaemonProc, pool: string, run: string): Promise<BurstRun
       recoverMs: Math.round(performance.now() - r0),
     };
   } finally {
-    agent.destroy();
+    conns.close();
+    bareConns.close();
   }
 }
 
@@ -686,18 +691,19 @@ interface CpuProfile {
   startTime: number;
 }
 
-const inClaim = (s: string[]) => s.some((f) => f.startsWith('claim claims.js'));
+const inClaim = (s: string[]) => s.some((f) => f.startsWith('claim claims.js') || f.startsWith('commitQueued claims.js'));
 /** First match wins; each frame is "functionName file.js". */
 const PROFILE_CATEGORIES: Array<[string, (stack: string[]) => boolean]> = [
   ['GC', (s) => s[0]!.startsWith('(garbage collector)')],
   ['idle (in epoll)', (s) => s[0]!.startsWith('(idle)')],
   ['native, outside JS ((program))', (s) => s[0]!.startsWith('(program)')],
   ['reconciles the claims enqueue (manager, controller, docker list)', (s) => !inClaim(s) && s.some((f) => /manager\.js|controller\.js|docker\.js|plan\.js|xstate|convergence/.test(f))],
-  ['claim: store.getResource of the pool', (s) => inClaim(s) && s.some((f) => f.startsWith('getResource store.js'))],
+  ['claim: the pool (resourceVersion check, getResource on a change)', (s) => inClaim(s) && s.some((f) => f.startsWith('pool claims.js'))],
+  ['claim latencies written (one transaction per 200 ms)', (s) => s.some((f) => f.startsWith('flushLatencies claims.js'))],
   ['claim: warmPoolDesired (spec hash: canonical JSON + sha256)', (s) => inClaim(s) && s.some((f) => f.startsWith('warmPoolDesired '))],
   ['claim: newSlot (randomBytes)', (s) => inClaim(s) && s.some((f) => f.startsWith('newSlot '))],
-  ['claim: SQL statements (claimContainer, getClaim, recordClaimLatency)', (s) => inClaim(s) && s.some((f) => /^(claimContainer|recordClaimLatency|getClaim) pools\.js/.test(f))],
-  ['claim: BEGIN IMMEDIATE / COMMIT (2 transactions per claim)', (s) => inClaim(s) && s.some((f) => /^(transaction|sqliteTransaction) /.test(f))],
+  ['claim: SQL statements (claimContainer)', (s) => inClaim(s) && s.some((f) => /^(claimContainer|getClaim) pools\.js/.test(f))],
+  ['claim: BEGIN IMMEDIATE / COMMIT (one per group of claims)', (s) => inClaim(s) && s.some((f) => /^(transaction|sqliteTransaction) /.test(f))],
   ['claim: metrics (prom-client)', (s) => inClaim(s) && s.some((f) => /prom-client|histogram\.js|counter\.js/.test(f))],
   ['claim: rest of ClaimService.claim', inClaim],
   ['auth preHandler', (s) => s.some((f) => f.startsWith('requireToken '))],
@@ -716,6 +722,7 @@ function attributeProfile(file: string, windows: Array<[number, number]>, claims
     return `${n.callFrame.functionName} ${n.callFrame.url.replace(/.*\//, '')}`;
   };
   const us = new Map<string, number>(PROFILE_CATEGORIES.map(([k]) => [k, 0]));
+  const topFrames = new Map<string, number>();
   let total = 0;
   let t = p.startTime;
   for (let i = 0; i < p.samples.length; i++) {
@@ -727,6 +734,13 @@ function attributeProfile(file: string, windows: Array<[number, number]>, claims
     for (let id: number | undefined = p.samples[i]; id !== undefined; id = parent.get(id)) stack.push(frame(id));
     const [k] = PROFILE_CATEGORIES.find(([, match]) => match(stack))!;
     us.set(k, us.get(k)! + dt);
+    if (process.env['BENCH_PROFILE_TOP']) {
+      const leaf = `${stack[0]} < ${stack.slice(1, 4).join(' < ')}`;
+      topFrames.set(leaf, (topFrames.get(leaf) ?? 0) + dt);
+    }
+  }
+  if (process.env['BENCH_PROFILE_TOP']) {
+    for (const [f, v] of [...topFrames].sort((a, b) => b[1] - a[1]).slice(0, 40)) log(`  self ${String(round((100 * v) / total, 1)).padStart(5)}%  ${f}`);
   }
   return [...us]
     .filter(([, v]) => v > 0)
@@ -824,10 +838,12 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
         if (del.status !== 200) throw new Error(`warm-up release: ${del.status} ${del.text.slice(0, 300)}`);
       }
       await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 120_000);
+      const bare = await startBareNode();
+      cleanups.push(() => bare.stop());
       const bursts: BurstRun[] = [];
       for (let i = 0; i < runs; i++) {
-        const b = await burst(a, 'hot', `r${i}`);
-        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; load ${b.loadavg1}; recovered in ${b.recoverMs} ms`);
+        const b = await burst(a, 'hot', `r${i}`, bare);
+        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; bare node:http p99 ${b.bareNode.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; load ${b.loadavg1}; recovered in ${b.recoverMs} ms`);
         bursts.push(b);
       }
       // Diagnostic: the same burst when no refill can start (maxSize = size: the claimed 200 fill
@@ -839,7 +855,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 60_000);
       const noRefill: BurstRun[] = [];
       for (let i = 0; i < noRefillRuns; i++) {
-        const b = await burst(a, 'hot', `n${i}`);
+        const b = await burst(a, 'hot', `n${i}`, bare);
         log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; starting after ${b.startingAfter}`);
         noRefill.push(b);
       }
@@ -878,6 +894,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
         { name: '  daemon main-thread CPU per claim (HTTP included)', value: m(bursts.map((x) => (x.cpu.daemonMainCpuMs * 1000) / CONCURRENT_CLAIMS)), unit: 'µs' },
         { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, client p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
         { name: '  HTTP floor: daemon main-thread CPU per GET /healthz', value: m(bursts.map((x) => (x.healthzCpu.daemonMainCpuMs * 1000) / CONCURRENT_CLAIMS)), unit: 'µs' },
+        { name: `  Node's floor: the same ${CONCURRENT_CLAIMS} POSTs to a bare node:http server, p99`, value: m(bursts.map((x) => x.bareNode.p99)), unit: 'ms' },
         { name: '  same claim burst, no refill possible (maxSize = size): p99', value: m(noRefill.map((x) => x.client.p99)), unit: 'ms' },
         { name: `cold-start claim (pool size 0), ${COLD_CLAIMS} sequential: client p50`, value: m(cold.client), unit: 'ms' },
         { name: '  server-side latencyMs p50', value: m(cold.server), unit: 'ms' },
@@ -934,7 +951,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     const method = {
       daemon: `the compiled build of src/ (tsc into a private dir under dist/), run as \`node --max-semi-space-size=2 src/main.js run --config …\` in its own process, logLevel info to a file, workers 4 (default), warmPools.parallelism ${PARALLELISM}, applyDebounce 50ms, docker {network: none}, iptables.netns a namespace made for the bench (no ProxyPool)`,
       dockerd: 'private dockerd 20.10 from test/helpers/dockerd.ts: vfs storage, --bridge=none, --iptables=false; image: local busybox import; containers run `sleep 100000`',
-      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. After the initial fill, 10 claims and releases warm the claim path up (not measured). Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), node:http with http.Agent({keepAlive: true, maxSockets: ${CONCURRENT_CLAIMS}}); ${CONCURRENT_CLAIMS} concurrent GET /healthz open ${CONCURRENT_CLAIMS} connections first (raw.bursts[].socketsWarmed; socketsOpenedDuringBurst = 0 shows that the claims reused them), then a second /healthz burst on them (the HTTP floor), 300 ms pause, then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims issued in one synchronous loop, one per connection, distinct userIds, no env/files (no injection). Client latency: http.request() → last byte of the response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
+      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. After the initial fill, 10 claims and releases warm the claim path up (not measured). Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), bench/http-burst.ts: a load generator's client as in wrk (${CONCURRENT_CLAIMS} keep-alive TCP connections opened first, each request pre-encoded, all written in one synchronous loop, one per connection, each response read by Content-Length). Each connection first carries one GET /healthz (so the burst meets no first-request cost), then a second /healthz burst on them is measured (the daemon's HTTP floor); then the same ${CONCURRENT_CLAIMS} claim requests go twice to bench/floor-server.mjs, a bare node:http server in its own process that parses the JSON body and answers a claim-sized 201 (Node's floor on this machine, second burst measured); 300 ms pause; then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims, distinct userIds, no env/files (no injection). Client latency: the request's write → the last byte of its response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
       noRefill: `diagnostic (${noRefillRuns} runs): the same burst with the pool at maxSize = size, so the claimed containers fill maxSize and no refill can start during the burst (the reconciles the claims enqueue still run: list + plan)`,
       coldStart: `pool cold: size 0, maxSize ${COLD_CLAIMS * 2}; ${COLD_CLAIMS} claims one after another over one keep-alive connection; each creates, starts and inspects a container`,
       refill: `a separate daemon (fresh store, empty dockerd), pool refill maxSize ${REFILL_SIZE * 2} going from size 0 to size ${REFILL_SIZE}. The ratio uses status.lastRefillDurationMs: the controller's refill() from reserving the 30 slots in the store to the last container created, started, inspected and recorded warm (excludes the debounce, the apply, the queue and the observe that lists containers). End to end: from renaming the YAML into desiredStateDir (debounce 50ms) to the stats endpoint first showing 30 warm (polled every 20 ms). Baseline: the bench's own DockerClient, ${REFILL_SIZE} × (POST /containers/create with buildCreateBody of the same image/command/label keys, POST /containers/{id}/start), ${PARALLELISM} in flight (mapSettled, as the daemon); also measured with the driver's GET /containers/{id}/json after each start. Same dockerd, no other containers present, containers removed between measurements; baseline and daemon runs interleaved.`,

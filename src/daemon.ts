@@ -88,6 +88,10 @@ export class Daemon {
       this.store.close();
       throw err;
     }
+    this.store.checkpointInBackground({
+      intervalMs: 1000,
+      onError: (message) => logger.warn('background WAL checkpoints stopped; SQLite checkpoints on commit again', { error: message }),
+    });
     if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
     this.iptables = new IptablesDriver({ backend: config.iptables.backend, ...(config.iptables.netns ? { netns: config.iptables.netns } : {}) });
     const validator = createValidator();
@@ -175,6 +179,7 @@ export class Daemon {
     await Promise.all([this.health?.stop(), this.api?.close()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
     await this.engines?.close();
+    this.claims?.flushLatencies();
     this.lease?.release();
     this.store?.close();
     this.logger.info('polydev-reconciler stopped', { tookMs: Date.now() - started, abandoned });

@@ -14,6 +14,51 @@ import { openStore, REPO_ROOT, tempDir, within } from './helpers/unit-fixtures.j
 
 const spec = (n: number) => ({ userId: `u${n}`, sourceIP: `10.0.0.${n}` });
 
+// ---- WAL checkpoints off the hot path ---------------------------------------------
+
+const walPages = (file: string) => Math.floor((fs.existsSync(`${file}-wal`) ? fs.statSync(`${file}-wal`).size : 0) / 4096);
+
+test('background checkpoints: commits never checkpoint, a worker thread copies the log back, close leaves it empty', async (t) => {
+  const { store, file } = openStore(t);
+  const results: Array<{ log: number; checkpointed: number }> = [];
+  const errors: string[] = [];
+  const cp = store.checkpointInBackground({ intervalMs: 3_600_000, onError: (m) => errors.push(m), onCheckpoint: (r) => results.push(r) })!;
+  t.true(cp.running);
+  t.is(store.db.pragma('wal_autocheckpoint', { simple: true }), 0, 'the connection no longer checkpoints on commit');
+  // Well past SQLite's 1000-page threshold: with auto-checkpoints the log would have been rewound.
+  const big = 'x'.repeat(3000);
+  for (let i = 0; i < 1500; i++) store.upsertResource({ kind: 'ProxyPort', name: `p${i}`, spec: { ...spec(1), note: big }, source: 'apply' });
+  t.true(walPages(file) > 1000, `${walPages(file)} pages in the log`);
+  cp.checkpointNow();
+  await within((async () => {
+    while (!results.some((r) => r.log > 1000 && r.checkpointed === r.log)) await new Promise((r) => setTimeout(r, 20));
+  })(), 10_000, 'a full checkpoint by the worker');
+  // The next commit starts the log over: it does not keep growing.
+  store.upsertResource({ kind: 'ProxyPort', name: 'after', spec: spec(2), source: 'apply' });
+  const db = new Database(file, { readonly: true });
+  t.is((db.prepare('SELECT count(*) AS n FROM resources').get() as { n: number }).n, 1501, 'everything is readable from another connection');
+  db.close();
+  t.deepEqual(errors, []);
+  store.close();
+  t.is(walPages(file), 0, 'close checkpoints what is left and truncates the log');
+  const again = new Store(file);
+  t.is(again.listKeys().length, 1501);
+  again.close();
+});
+
+test('background checkpoints: a worker that cannot start gives the connection its auto-checkpoints back, and says why', async (t) => {
+  const { store } = openStore(t);
+  const { BackgroundCheckpointer } = await import('../src/state/checkpointer.js');
+  const errors: string[] = [];
+  const cp = new BackgroundCheckpointer(store.db, store.file, { intervalMs: 1000, onError: (m) => errors.push(m) }, '/nonexistent/better-sqlite3');
+  await within((async () => {
+    while (errors.length === 0) await new Promise((r) => setTimeout(r, 20));
+  })(), 10_000, 'the worker failure');
+  t.regex(errors[0]!, /nonexistent/);
+  t.false(cp.running);
+  t.is(store.db.pragma('wal_autocheckpoint', { simple: true }), 1000);
+});
+
 // ---- file, journal and migrations ------------------------------------------------
 
 test('the database is in WAL mode and its files are readable by the owner only (0600)', (t) => {

@@ -4,7 +4,7 @@
 
 import test from 'ava';
 import { ProcessEngine } from '../src/drivers/process.js';
-import { installationId } from '../src/state/pools.js';
+import { installationId, listClaims } from '../src/state/pools.js';
 import { metricValue, waitFor } from './helpers/e2e-env.js';
 import { poolEnv, type PoolEnv } from './helpers/warmpool-env.js';
 
@@ -42,6 +42,8 @@ test('claims, releases and expiries refill the pool without counting as drift; a
   t.is((await p.api.release(a.body.claimId)).status, 200);
   await waitFor('released and expired claims cleaned up', () => p.members('work').length === 2, 20_000);
   t.deepEqual(driftEvents(p, 'work'), [], 'claim work is not drift');
+  // Ready and idle before the kill: a run still cleaning up would take the death as its own work.
+  await p.waitWarm('work', 2);
 
   const victim = p.members('work').find((m) => m.state === 'warm')!;
   const pid = Number(victim.containerId!.split(':')[1]);
@@ -70,4 +72,42 @@ test('driftPolicy warn: claims still refill; a killed warm process is reported a
   await waitFor('Drifted', () => p.daemon.store.getResource('WarmPool', 'careful')?.status?.phase === 'Drifted', 20_000);
   t.true(p.members('careful').some((m) => m.slot === victim.slot), 'left alone: the dead one is not replaced');
   t.is(driftEvents(p, 'careful').length, 1);
+});
+
+// Claims that arrive together are committed together (group commit); each must still stand alone.
+test('a burst of claims committed together: per-user limits hold inside one group, and one failing claim fails alone', async (t) => {
+  const p = await poolEnv(t, undefined, [{ ...pool('group', { maxPerUser: 3 }), size: 6, maxSize: 6 }]);
+  const owner = installationId(p.daemon.store);
+  t.teardown(() => cleanup(p, owner, `${p.env.dir}/run`));
+  await p.waitWarm('group', 6);
+
+  // A real SQLite error for one user's claim, on the daemon's own connection only.
+  p.daemon.store.db.exec(`CREATE TEMP TRIGGER refuse_boom BEFORE INSERT ON claims WHEN NEW.user_id = 'boom'
+    BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END`);
+  const users = ['greedy', 'greedy', 'greedy', 'greedy', 'greedy', 'boom', 'other'];
+  // Called in one synchronous loop, these seven claims share one commit.
+  const settled = await Promise.allSettled(users.map((userId) => p.daemon.claims.claim('group', { userId })));
+  const outcome = (i: number) => {
+    const s = settled[i]!;
+    return s.status === 'fulfilled' ? 'ok' : ((s.reason as { code?: string }).code ?? String(s.reason));
+  };
+  t.deepEqual(users.map((_, i) => outcome(i)), ['ok', 'ok', 'ok', 'TOO_MANY_REQUESTS', 'TOO_MANY_REQUESTS', 'SQLITE_CONSTRAINT_TRIGGER', 'ok'],
+    'maxPerUser 3 holds inside one group; the claim that hit the error fails, and only that one');
+  const served = settled.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
+
+  const open = listClaims(p.daemon.store, { pool: 'group', state: 'open' });
+  t.deepEqual(open.map((c) => c.userId).sort(), ['greedy', 'greedy', 'greedy', 'other']);
+  t.is(new Set(open.map((c) => c.slot)).size, 4, 'four claims, four containers');
+  t.is(p.members('group').filter((m) => m.state === 'claimed').length, 4, 'nothing of the failed claim was written');
+  t.false(listClaims(p.daemon.store, { pool: 'group' }).some((c) => c.userId === 'boom'));
+
+  // Latencies are written in batches; a read through the API sees them.
+  for (const c of served) {
+    const got = await p.api.request('GET', `/api/v1/claims/${c.claimId}`);
+    t.is(got.body.status.latencyMs, c.latencyMs);
+  }
+  // Through HTTP too: one more for `other`, and the user at the limit is still refused.
+  t.is((await p.api.claim('group', { userId: 'other' })).status, 201);
+  t.is((await p.api.claim('group', { userId: 'greedy' })).status, 429);
+  p.daemon.store.db.exec('DROP TRIGGER refuse_boom');
 });

@@ -226,8 +226,8 @@ export interface ClaimRequest {
   maxSize: number;
   now: number;
   expiresAt: number;
-  /** The slot a cold start would use (only taken when no container is warm). */
-  coldSlot: NewSlot;
+  /** Makes the slot a cold start would use; called only when no container is warm. */
+  coldSlot: () => NewSlot;
 }
 
 export type ClaimOutcome =
@@ -238,6 +238,8 @@ export type ClaimOutcome =
  * Binds a claim to the oldest warm container of the pool, or reserves a slot for a cold start
  * while the pool is below maxSize. Must run inside one transaction: that, and the unique index
  * on open claims per slot, is what keeps a container from ever going to two claims.
+ * A ClaimError is thrown only before anything is written, so a refused claim leaves the
+ * transaction it shares with other claims (the claim service's group commit) untouched.
  */
 export function claimContainer(store: Store, req: ClaimRequest): ClaimOutcome {
   const open = (
@@ -261,13 +263,27 @@ export function claimContainer(store: Store, req: ClaimRequest): ClaimOutcome {
          VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'bound', ?, ?, ?)`,
       )
       .run(req.id, req.pool, req.userId, warm.slot, warm.container_id, warm.name, warm.address, req.now, req.now, req.expiresAt);
-    return {
+    // The rows just written, without reading them back (this is the hot path of every claim).
+    const claim: ClaimRecord = {
+      id: req.id,
+      pool: req.pool,
+      userId: req.userId,
+      slot: warm.slot,
+      containerId: warm.container_id,
+      containerName: warm.name,
+      address: warm.address,
       warm: true,
-      claim: getClaim(store, req.id)!,
-      member: toMember({ ...warm, state: 'claimed', claim_id: req.id }),
+      state: 'bound',
+      reason: null,
+      createdAt: req.now,
+      boundAt: req.now,
+      expiresAt: req.expiresAt,
+      endedAt: null,
+      latencyMs: null,
     };
+    return { warm: true, claim, member: toMember({ ...warm, state: 'claimed', claim_id: req.id }) };
   }
-  const [slot] = reserveSlots(store, req.pool, req.maxSize, [req.coldSlot], req.now);
+  const [slot] = countMembers(store, req.pool) < req.maxSize ? reserveSlots(store, req.pool, req.maxSize, [req.coldSlot()], req.now) : [];
   if (!slot) {
     throw new ClaimError(
       'POOL_EXHAUSTED',
@@ -296,8 +312,9 @@ export function bindColdClaim(store: Store, claimId: string, c: { id: string; ad
   return bound;
 }
 
-export function recordClaimLatency(store: Store, claimId: string, latencyMs: number): void {
-  store.stmt('UPDATE claims SET latency_ms = ? WHERE id = ?').run(latencyMs, claimId);
+export function recordClaimLatencies(store: Store, latencies: ReadonlyMap<string, number>): void {
+  const update = store.stmt('UPDATE claims SET latency_ms = ? WHERE id = ?');
+  for (const [claimId, ms] of latencies) update.run(ms, claimId);
 }
 
 export function getClaim(store: Store, id: string): ClaimRecord | undefined {

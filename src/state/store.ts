@@ -3,6 +3,7 @@ import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { BackgroundCheckpointer, type CheckpointerOptions } from './checkpointer.js';
 import { migrate } from './migrations.js';
 import {
   API_VERSION,
@@ -98,8 +99,29 @@ export class Store extends EventEmitter {
     }
   }
 
+  private checkpointer: BackgroundCheckpointer | undefined;
+
+  /** Moves WAL checkpoints off this connection to a worker thread (the daemon; see checkpointer.ts). */
+  checkpointInBackground(opts: CheckpointerOptions): BackgroundCheckpointer | undefined {
+    if (this.file === ':memory:' || this.db.readonly || this.checkpointer) return this.checkpointer;
+    this.checkpointer = new BackgroundCheckpointer(this.db, this.file, opts);
+    return this.checkpointer;
+  }
+
   close(): void {
     this.statements.clear();
+    if (this.checkpointer) {
+      this.checkpointer.stop();
+      this.checkpointer = undefined;
+      // What the worker had not copied yet goes into the database now, so the log is left empty.
+      if (this.db.open) {
+        try {
+          this.db.pragma('wal_checkpoint(TRUNCATE)');
+        } catch {
+          // A reader elsewhere holds the log: SQLite finishes the checkpoint later, nothing is lost.
+        }
+      }
+    }
     if (this.db.open) this.db.close();
   }
 

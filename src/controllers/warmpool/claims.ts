@@ -12,9 +12,11 @@ import {
   getClaim,
   listClaims,
   memberCounts,
-  recordClaimLatency,
+  recordClaimLatencies,
   type ClaimFilter,
+  type ClaimOutcome,
   type ClaimRecord,
+  type ClaimRequest,
 } from '../../state/pools.js';
 import type { Store } from '../../state/store.js';
 import { EngineError, type Injection, type ObservedContainer } from './engine.js';
@@ -138,23 +140,57 @@ export interface ClaimServiceOptions {
   enqueue(kind: string, name: string): void;
 }
 
+interface QueuedClaim {
+  req: ClaimRequest;
+  resolve(outcome: ClaimOutcome): void;
+  reject(err: unknown): void;
+}
+
+/** Claims committed together at most (a COMMIT costs about as much as 4 claims' statements). */
+const MAX_GROUP = 32;
+
+/** How long measured latencies wait before they are written (they are figures, not state). */
+const LATENCY_FLUSH_MS = 200;
+
 /**
  * The claim path: one transaction binds a warm container (or reserves room for a cold start),
  * the pool is enqueued for a refill at once, and credentials go straight into the container.
+ *
+ * Claims that arrive in the same turn of the event loop are committed together (group
+ * commit): each claim is still all-or-nothing and answered only after its commit, but a
+ * burst pays for one COMMIT instead of one per claim, which was most of a claim's cost.
  */
 export class ClaimService {
+  private queued: QueuedClaim[] = [];
+  private readonly latencies = new Map<string, number>();
+  private latencyTimer: NodeJS.Timeout | undefined;
+  private readonly pools = new Map<string, { resourceVersion: number; desired: WarmPoolDesired }>();
+
   constructor(private readonly opts: ClaimServiceOptions) {}
 
+  /** The pool's desired state, parsed again only when its resourceVersion moved. */
   private pool(name: string): WarmPoolDesired {
-    const res = this.opts.store.getResource('WarmPool', name);
+    const { store } = this.opts;
+    const row = store
+      .stmt(`SELECT resource_version AS rv, deletion_requested_at AS deleting FROM resources WHERE kind = 'WarmPool' AND name = ?`)
+      .get(name) as { rv: number; deleting: string | null } | undefined;
+    if (!row) {
+      this.pools.delete(name);
+      throw new ClaimServiceError('NOT_FOUND', `WarmPool ${name} not found`);
+    }
+    if (row.deleting) throw new ClaimServiceError('POOL_DELETING', `WarmPool ${name} is being deleted`);
+    const cached = this.pools.get(name);
+    if (cached && cached.resourceVersion === row.rv) return cached.desired;
+    const res = store.getResource('WarmPool', name);
     if (!res) throw new ClaimServiceError('NOT_FOUND', `WarmPool ${name} not found`);
-    if (res.metadata.deletionTimestamp) throw new ClaimServiceError('POOL_DELETING', `WarmPool ${name} is being deleted`);
-    return warmPoolDesired(res);
+    const desired = warmPoolDesired(res);
+    this.pools.set(name, { resourceVersion: res.metadata.resourceVersion, desired });
+    return desired;
   }
 
   async claim(poolName: string, input: ClaimInput): Promise<ClaimResult> {
     const started = performance.now();
-    const { store, metrics, controller } = this.opts;
+    const { metrics, controller } = this.opts;
     // An unknown pool is not counted: its name comes from the URL and must not become a label.
     const d = this.pool(poolName);
     try {
@@ -166,26 +202,24 @@ export class ClaimService {
     const now = Date.now();
     const claimId = randomUUID();
     const ttlMs = input.ttlSeconds !== undefined ? input.ttlSeconds * 1000 : d.claimTtlMs;
-    let outcome;
+    let outcome: ClaimOutcome;
     try {
-      outcome = store.transaction(() =>
-        claimContainer(store, {
-          id: claimId,
-          pool: d.name,
-          userId: input.userId,
-          maxPerUser: d.spec.claim.maxPerUser,
-          maxSize: d.spec.maxSize,
-          now,
-          expiresAt: now + ttlMs,
-          coldSlot: controller.newSlot(d),
-        }),
-      );
+      outcome = await this.commit({
+        id: claimId,
+        pool: d.name,
+        userId: input.userId,
+        maxPerUser: d.spec.claim.maxPerUser,
+        maxSize: d.spec.maxSize,
+        now,
+        expiresAt: now + ttlMs,
+        coldSlot: () => controller.newSlot(d),
+      });
     } catch (err) {
       if (err instanceof ClaimError) {
         const result = err.code === 'TOO_MANY_REQUESTS' ? 'too_many' : 'exhausted';
         metrics.claimsTotal.inc({ pool: d.name, result });
         // A container of a refill is moments from warm: retry soon; otherwise room comes with a release.
-        const retry = err.code === 'POOL_EXHAUSTED' ? (memberCounts(store, d.name).starting > 0 ? 1 : 5) : undefined;
+        const retry = err.code === 'POOL_EXHAUSTED' ? (memberCounts(this.opts.store, d.name).starting > 0 ? 1 : 5) : undefined;
         throw new ClaimServiceError(err.code as ClaimServiceCode, err.message, retry);
       }
       throw err;
@@ -209,7 +243,7 @@ export class ClaimService {
       throw this.translate(err);
     }
     const latencyMs = Math.round((performance.now() - started) * 1000) / 1000;
-    store.transaction(() => recordClaimLatency(store, claimId, latencyMs));
+    this.noteLatency(claimId, latencyMs);
     metrics.claimsTotal.inc({ pool: d.name, result: outcome.warm ? 'warm' : 'cold' });
     metrics.claimDuration.observe({ pool: d.name, warm: String(outcome.warm) }, latencyMs / 1000);
     return {
@@ -221,6 +255,82 @@ export class ClaimService {
       latencyMs,
       expiresAt: new Date(outcome.claim.expiresAt).toISOString(),
     };
+  }
+
+  /**
+   * Queues a claim for the group commit at the end of this turn of the event loop, or at once
+   * when the group is full: in a burst the first claims are answered while later ones are
+   * still being read, instead of all waiting for the last.
+   */
+  private commit(req: ClaimRequest): Promise<ClaimOutcome> {
+    return new Promise((resolve, reject) => {
+      this.queued.push({ req, resolve, reject });
+      if (this.queued.length === 1) setImmediate(() => this.commitQueued());
+      else if (this.queued.length >= MAX_GROUP) this.commitQueued();
+    });
+  }
+
+  private commitQueued(): void {
+    const { store } = this.opts;
+    const group = this.queued;
+    if (group.length === 0) return;
+    this.queued = [];
+    const results: Array<{ outcome: ClaimOutcome } | { refused: ClaimError }> = [];
+    try {
+      store.transaction(() => {
+        for (const q of group) {
+          try {
+            results.push({ outcome: claimContainer(store, q.req) });
+          } catch (err) {
+            // Refusals happen before any write (claimContainer's contract): the group goes on.
+            if (!(err instanceof ClaimError)) throw err;
+            results.push({ refused: err });
+          }
+        }
+      });
+    } catch (err) {
+      // Something unexpected rolled the whole group back. A locked database fails them all
+      // alike; otherwise each claim gets a transaction of its own, so only the culprit fails.
+      const busy = (err as { code?: string }).code === 'SQLITE_BUSY';
+      for (const q of group) {
+        if (busy || group.length === 1) q.reject(err);
+        else {
+          try {
+            q.resolve(store.transaction(() => claimContainer(store, q.req)));
+          } catch (own) {
+            q.reject(own);
+          }
+        }
+      }
+      return;
+    }
+    group.forEach((q, i) => {
+      const r = results[i]!;
+      if ('outcome' in r) q.resolve(r.outcome);
+      else q.reject(r.refused);
+    });
+  }
+
+  /** Latencies are written in batches: a second transaction per claim would cost as much as the claim. */
+  private noteLatency(claimId: string, latencyMs: number): void {
+    this.latencies.set(claimId, latencyMs);
+    this.latencyTimer ??= setTimeout(() => this.flushLatencies(), LATENCY_FLUSH_MS).unref();
+  }
+
+  /** Writes the latencies measured so far (also before anything reads them, and at shutdown). */
+  flushLatencies(): void {
+    if (this.latencyTimer) clearTimeout(this.latencyTimer);
+    this.latencyTimer = undefined;
+    if (this.latencies.size === 0) return;
+    const { store } = this.opts;
+    const batch = new Map(this.latencies);
+    this.latencies.clear();
+    try {
+      store.transaction(() => recordClaimLatencies(store, batch));
+    } catch (err) {
+      // Figures only: a failed write is logged and dropped rather than retried forever.
+      this.opts.logger.warn('claim latencies could not be written', { claims: batch.size, error: (err as Error).message });
+    }
   }
 
   private async coldStart(d: WarmPoolDesired, slot: ReturnType<WarmPoolController['newSlot']>, claimId: string) {
@@ -288,12 +398,14 @@ export class ClaimService {
   }
 
   get(claimId: string): ClaimRecord {
+    this.flushLatencies();
     const claim = getClaim(this.opts.store, claimId);
     if (!claim) throw new ClaimServiceError('NOT_FOUND', `claim ${claimId} not found`);
     return claim;
   }
 
   list(filter: ClaimFilter): ClaimRecord[] {
+    this.flushLatencies();
     return listClaims(this.opts.store, filter);
   }
 
@@ -301,6 +413,7 @@ export class ClaimService {
     const { store } = this.opts;
     const res = store.getResource('WarmPool', poolName);
     if (!res) throw new ClaimServiceError('NOT_FOUND', `WarmPool ${poolName} not found`);
+    this.flushLatencies();
     const counts = memberCounts(store, poolName);
     const window = 1000;
     const h = claimHistory(store, poolName, window);
