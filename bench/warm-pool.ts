@@ -180,7 +180,7 @@ async function startDaemon(opts: {
   const logFd = fs.openSync(logFile, 'a');
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('POLYDEV_') && k !== 'NODE_OPTIONS') env[k] = v;
-  const child: ChildProcess = spawn(process.execPath, ['--max-semi-space-size=2', ...(opts.nodeFlags ?? []), opts.main, 'run', '--config', path.join(dir, 'config.yaml')], {
+  const child: ChildProcess = spawn(process.execPath, ['--max-semi-space-size=2', ...(opts.nodeFlags ?? []), ...daemonFlagsFromEnv(), opts.main, 'run', '--config', path.join(dir, 'config.yaml')], {
     cwd: dir,
     stdio: ['ignore', logFd, logFd],
     env,
@@ -359,6 +359,30 @@ function schedstat(pid: number, tid = pid): { runNs: number; waitNs: number } {
   }
 }
 
+/** CPU time of every thread of pid and of its descendants (dockerd → containerd; the daemon's helper threads). */
+function treeCpuNs(pid: number, depth = 0): number {
+  let ns = 0;
+  let tasks: string[] = [];
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return 0;
+  }
+  for (const tid of tasks) {
+    ns += schedstat(pid, Number(tid)).runNs || 0;
+    if (depth < 3) {
+      let children: string[] = [];
+      try {
+        children = fs.readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
+      } catch {
+        // gone meanwhile
+      }
+      for (const c of children) ns += treeCpuNs(Number(c), depth + 1);
+    }
+  }
+  return ns;
+}
+
 /** Busy and total jiffies of the whole machine (/proc/stat). */
 function machineJiffies(): { busy: number; total: number } {
   const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
@@ -373,25 +397,53 @@ interface CpuWindow {
   daemonMainRunqueueWaitMs: number;
   /** The client's (this process') main thread on a CPU: sending 200 requests and reading 200 answers. */
   clientMainCpuMs: number;
+  /** Every thread of the daemon (V8's GC helpers, libuv's pool, the checkpoint worker). */
+  daemonAllThreadsCpuMs: number;
+  /** dockerd and containerd (list calls the reconciles make, the refill's creates and starts). */
+  dockerdCpuMs: number;
   /** Share of both CPUs busy (anything on the machine) over the window, from /proc/stat (10 ms ticks). */
   machineBusyPct: number;
 }
 
-function cpuWindow(pid: number): () => CpuWindow {
+function cpuWindow(pid: number, dockerdPid?: number): () => CpuWindow {
   const s0 = schedstat(pid);
   const c0 = schedstat(process.pid);
+  const a0 = treeCpuNs(pid);
+  const d0 = dockerdPid ? treeCpuNs(dockerdPid) : NaN;
   const j0 = machineJiffies();
   return () => {
     const s1 = schedstat(pid);
     const c1 = schedstat(process.pid);
+    const a1 = treeCpuNs(pid);
+    const d1 = dockerdPid ? treeCpuNs(dockerdPid) : NaN;
     const j1 = machineJiffies();
     return {
       daemonMainCpuMs: round((s1.runNs - s0.runNs) / 1e6, 2),
       daemonMainRunqueueWaitMs: round((s1.waitNs - s0.waitNs) / 1e6, 2),
+      daemonAllThreadsCpuMs: round((a1 - a0) / 1e6, 2),
+      dockerdCpuMs: round((d1 - d0) / 1e6, 2),
       clientMainCpuMs: round((c1.runNs - c0.runNs) / 1e6, 2),
       machineBusyPct: j1.total > j0.total ? Math.round((100 * (j1.busy - j0.busy)) / (j1.total - j0.total)) : NaN,
     };
   };
+}
+
+/**
+ * Waits (at most maxMs) until the whole machine was under busyPct busy for 500 ms: the previous
+ * run's releases and refills (dockerd removing and creating 200 containers) must not be measured
+ * as part of this run's claims. The refill this run's claims start is measured: it begins during the burst.
+ */
+async function waitQuiet(busyPct = 15, maxMs = 60_000): Promise<{ waitedMs: number; busyPct: number }> {
+  const start = performance.now();
+  let busy = 100;
+  while (performance.now() - start < maxMs) {
+    const j0 = machineJiffies();
+    await sleep(500);
+    const j1 = machineJiffies();
+    busy = j1.total > j0.total ? Math.round((100 * (j1.busy - j0.busy)) / (j1.total - j0.total)) : 100;
+    if (busy < busyPct) break;
+  }
+  return { waitedMs: Math.round(performance.now() - start), busyPct: busy };
 }
 
 function loadavg(): number[] {
@@ -416,12 +468,19 @@ interface BurstRun {
   /** Containers the daemon had started (stats.starting) right after the last response: the refill under way. */
   startingAfter: number;
   loadavg1: number;
+  /** The machine before the burst (waitQuiet): how long until it was quiet, and how busy it was then. */
+  quietBefore: { waitedMs: number; busyPct: number };
   /** Where the daemon's main thread was during the burst (first send → last response). */
   cpu: CpuWindow;
   /** CLOCK_MONOTONIC µs at the first send and the last response (to cut a daemon --cpu-prof profile to the burst). */
   windowMonotonicUs: [number, number];
   /** Pool idle again after the release: waiting time (refill of 200 + removal of 200). */
   recoverMs: number;
+}
+
+/** BENCH_DAEMON_FLAGS="--max-semi-space-size=16": extra node flags for the daemons (investigations; later flags win). */
+function daemonFlagsFromEnv(): string[] {
+  return (process.env['BENCH_DAEMON_FLAGS'] ?? '').split(/\s+/).filter(Boolean);
 }
 
 /** A bare node:http server in a child process (the floor of the claim burst). */
@@ -434,7 +493,7 @@ async function startBareNode(): Promise<{ port: number; stop(): void }> {
   return { port, stop: () => child.kill('SIGKILL') };
 }
 
-async function burst(d: DaemonProc, pool: string, run: string, bare: { port: number }): Promise<BurstRun> {
+async function burst(d: DaemonProc, pool: string, run: string, bare: { port: number }, dockerdPid: number): Promise<BurstRun> {
   const conns = await RawConnections.open(d.port, CONCURRENT_CLAIMS);
   const bareConns = await RawConnections.open(bare.port, CONCURRENT_CLAIMS);
   try {
@@ -442,6 +501,7 @@ async function burst(d: DaemonProc, pool: string, run: string, bare: { port: num
     const claims = Array.from({ length: CONCURRENT_CLAIMS }, (_, i) =>
       encodeRequest({ method: 'POST', path: `/api/v1/pools/${pool}/claims`, headers: { Authorization: `Bearer ${TOKEN}` }, body: { userId: `bench-${run}-u${i}` } }),
     );
+    const quietBefore = await waitQuiet();
     // Every connection carries one request first, so the burst meets no first-request cost.
     await conns.burst(healthz);
     // The HTTP floor: the same burst shape on the same connections, on the cheapest route.
@@ -454,7 +514,7 @@ async function burst(d: DaemonProc, pool: string, run: string, bare: { port: num
     await sleep(300);
     const load = os.loadavg()[0]!;
     const m0 = Number(process.hrtime.bigint() / 1000n);
-    const cpuDone = cpuWindow(d.pid);
+    const cpuDone = cpuWindow(d.pid, dockerdPid);
     const t0 = performance.now();
     const results = await conns.burst(claims);
     const burstMs = performance.now() - t0;
@@ -495,6 +555,7 @@ async function burst(d: DaemonProc, pool: string, run: string, bare: { port: num
       warmHits,
       startingAfter: after.starting,
       loadavg1: round(load, 2),
+      quietBefore,
       cpu,
       windowMonotonicUs: [m0, m1],
       recoverMs: Math.round(performance.now() - r0),
@@ -842,8 +903,8 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       cleanups.push(() => bare.stop());
       const bursts: BurstRun[] = [];
       for (let i = 0; i < runs; i++) {
-        const b = await burst(a, 'hot', `r${i}`, bare);
-        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; bare node:http p99 ${b.bareNode.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; load ${b.loadavg1}; recovered in ${b.recoverMs} ms`);
+        const b = await burst(a, 'hot', `r${i}`, bare, dockerd.pid);
+        log(`  run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p50 ${b.server.p50} p99 ${b.server.p99} ms; healthz p99 ${b.healthz.p99} ms; bare node:http p99 ${b.bareNode.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms (all threads ${b.cpu.daemonAllThreadsCpuMs}), runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, dockerd ${b.cpu.dockerdCpuMs} ms, machine busy ${b.cpu.machineBusyPct}% (${b.quietBefore.busyPct}% before, after ${b.quietBefore.waitedMs} ms of waiting); load ${b.loadavg1}; recovered in ${b.recoverMs} ms`);
         bursts.push(b);
       }
       // Diagnostic: the same burst when no refill can start (maxSize = size: the claimed 200 fill
@@ -855,8 +916,8 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
       await waitIdle(a, ['hot'], CONCURRENT_CLAIMS, 60_000);
       const noRefill: BurstRun[] = [];
       for (let i = 0; i < noRefillRuns; i++) {
-        const b = await burst(a, 'hot', `n${i}`, bare);
-        log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms, runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, machine busy ${b.cpu.machineBusyPct}%; starting after ${b.startingAfter}`);
+        const b = await burst(a, 'hot', `n${i}`, bare, dockerd.pid);
+        log(`  no-refill run ${i + 1}: client p50 ${b.client.p50} p99 ${b.client.p99} max ${b.client.max} ms; server p99 ${b.server.p99} ms; daemon cpu ${b.cpu.daemonMainCpuMs} ms (all threads ${b.cpu.daemonAllThreadsCpuMs}), runqueue wait ${b.cpu.daemonMainRunqueueWaitMs} ms, dockerd ${b.cpu.dockerdCpuMs} ms, machine busy ${b.cpu.machineBusyPct}%; starting after ${b.startingAfter}`);
         noRefill.push(b);
       }
       log(`cold claims: ${COLD_CLAIMS} sequential on a pool of size 0`);
@@ -890,6 +951,8 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
         { name: '  warm hits', value: median(bursts.map((x) => x.warmHits)), unit: 'count', goal: `${CONCURRENT_CLAIMS}`, met: bursts.every((x) => x.warmHits === CONCURRENT_CLAIMS) },
         { name: '  daemon main thread on CPU during the burst', value: m(bursts.map((x) => x.cpu.daemonMainCpuMs)), unit: 'ms' },
         { name: '  daemon main thread runnable but waiting for a CPU', value: m(bursts.map((x) => x.cpu.daemonMainRunqueueWaitMs)), unit: 'ms' },
+        { name: '  daemon, all threads, on CPU during the burst', value: m(bursts.map((x) => x.cpu.daemonAllThreadsCpuMs)), unit: 'ms' },
+        { name: '  dockerd and containerd on CPU during the burst', value: m(bursts.map((x) => x.cpu.dockerdCpuMs)), unit: 'ms' },
         { name: '  client (this process) main thread on CPU during the burst', value: m(bursts.map((x) => x.cpu.clientMainCpuMs)), unit: 'ms' },
         { name: '  daemon main-thread CPU per claim (HTTP included)', value: m(bursts.map((x) => (x.cpu.daemonMainCpuMs * 1000) / CONCURRENT_CLAIMS)), unit: 'µs' },
         { name: `  HTTP floor: ${CONCURRENT_CLAIMS} concurrent GET /healthz, client p99`, value: m(bursts.map((x) => x.healthz.p99)), unit: 'ms' },
@@ -951,7 +1014,7 @@ export async function runWarmPoolBench(runs = 5): Promise<{ figures: BenchFigure
     const method = {
       daemon: `the compiled build of src/ (tsc into a private dir under dist/), run as \`node --max-semi-space-size=2 src/main.js run --config …\` in its own process, logLevel info to a file, workers 4 (default), warmPools.parallelism ${PARALLELISM}, applyDebounce 50ms, docker {network: none}, iptables.netns a namespace made for the bench (no ProxyPool)`,
       dockerd: 'private dockerd 20.10 from test/helpers/dockerd.ts: vfs storage, --bridge=none, --iptables=false; image: local busybox import; containers run `sleep 100000`',
-      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. After the initial fill, 10 claims and releases warm the claim path up (not measured). Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), bench/http-burst.ts: a load generator's client as in wrk (${CONCURRENT_CLAIMS} keep-alive TCP connections opened first, each request pre-encoded, all written in one synchronous loop, one per connection, each response read by Content-Length). Each connection first carries one GET /healthz (so the burst meets no first-request cost), then a second /healthz burst on them is measured (the daemon's HTTP floor); then the same ${CONCURRENT_CLAIMS} claim requests go twice to bench/floor-server.mjs, a bare node:http server in its own process that parses the JSON body and answers a claim-sized 201 (Node's floor on this machine, second burst measured); 300 ms pause; then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims, distinct userIds, no env/files (no injection). Client latency: the request's write → the last byte of its response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
+      claimLatency: `pool hot: size ${CONCURRENT_CLAIMS}, maxSize ${CONCURRENT_CLAIMS * 2}, resyncInterval 30s. After the initial fill, 10 claims and releases warm the claim path up (not measured). Before each run the pool is idle (${CONCURRENT_CLAIMS} warm, nothing starting/claimed/releasing, Ready, for 1 s). Client: the bench process (separate from the daemon), bench/http-burst.ts: a load generator's client as in wrk (${CONCURRENT_CLAIMS} keep-alive TCP connections opened first, each request pre-encoded, all written in one synchronous loop, one per connection, each response read by Content-Length). Before each run the bench waits (up to 60 s) until the machine has been under 15% busy for 500 ms, so the previous run's releases and refills in dockerd are not measured as this run's (raw.bursts[].quietBefore). Each connection first carries one GET /healthz (so the burst meets no first-request cost), then a second /healthz burst on them is measured (the daemon's HTTP floor); then the same ${CONCURRENT_CLAIMS} claim requests go twice to bench/floor-server.mjs, a bare node:http server in its own process that parses the JSON body and answers a claim-sized 201 (Node's floor on this machine, second burst measured); 300 ms pause; then ${CONCURRENT_CLAIMS} POST /api/v1/pools/hot/claims, distinct userIds, no env/files (no injection). Client latency: the request's write → the last byte of its response. Server latency: the latencyMs field of each answer. Each run's p50/p99/max are over its ${CONCURRENT_CLAIMS} requests (nearest rank); figures are medians over runs. Between runs every claim is released (destroy) and the pool refilled to idle. The claims trigger a refill of ${CONCURRENT_CLAIMS} containers that starts during the burst and competes for the 2 CPUs (as in production).`,
       noRefill: `diagnostic (${noRefillRuns} runs): the same burst with the pool at maxSize = size, so the claimed containers fill maxSize and no refill can start during the burst (the reconciles the claims enqueue still run: list + plan)`,
       coldStart: `pool cold: size 0, maxSize ${COLD_CLAIMS * 2}; ${COLD_CLAIMS} claims one after another over one keep-alive connection; each creates, starts and inspects a container`,
       refill: `a separate daemon (fresh store, empty dockerd), pool refill maxSize ${REFILL_SIZE * 2} going from size 0 to size ${REFILL_SIZE}. The ratio uses status.lastRefillDurationMs: the controller's refill() from reserving the 30 slots in the store to the last container created, started, inspected and recorded warm (excludes the debounce, the apply, the queue and the observe that lists containers). End to end: from renaming the YAML into desiredStateDir (debounce 50ms) to the stats endpoint first showing 30 warm (polled every 20 ms). Baseline: the bench's own DockerClient, ${REFILL_SIZE} × (POST /containers/create with buildCreateBody of the same image/command/label keys, POST /containers/{id}/start), ${PARALLELISM} in flight (mapSettled, as the daemon); also measured with the driver's GET /containers/{id}/json after each start. Same dockerd, no other containers present, containers removed between measurements; baseline and daemon runs interleaved.`,
