@@ -81,6 +81,8 @@ test('a burst of claims committed together: per-user limits hold inside one grou
   t.teardown(() => cleanup(p, owner, `${p.env.dir}/run`));
   await p.waitWarm('group', 6);
 
+  // The daemon's connection leaves WAL checkpoints to the worker thread (they stalled commits).
+  t.is(p.daemon.store.db.pragma('wal_autocheckpoint', { simple: true }), 0);
   // A real SQLite error for one user's claim, on the daemon's own connection only.
   p.daemon.store.db.exec(`CREATE TEMP TRIGGER refuse_boom BEFORE INSERT ON claims WHEN NEW.user_id = 'boom'
     BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END`);
