@@ -1,8 +1,8 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
-// BENCH_ONLY=proxy|warm-pool runs one; BENCH_RUNS sets the runs per figure (default 5).
+// BENCH_ONLY=proxy|warm-pool|turn runs one; BENCH_RUNS sets the runs per figure (default 5).
 // Warm-pool only, for investigations: BENCH_WARM_POOL_PARTS=claims,refill,rss (default all),
 // BENCH_RSS_RUNS (default 2), BENCH_CPU_PROFILE=1 (profile the daemon during the claim bursts).
-// Needs root (network namespaces, dockerd); everything it creates is deleted when it ends.
+// Needs root (network namespaces, dockerd, coturn); everything it creates is deleted when it ends.
 // Exits 1 if any goal is unmet.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -10,6 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runProxyBench } from './proxy.js';
 import { printTable, type BenchFigure } from './stats.js';
+import { runTurnBench } from './turn.js';
 import { runWarmPoolBench } from './warm-pool.js';
 
 const RESULTS = path.join(path.dirname(fileURLToPath(import.meta.url)), 'results');
@@ -25,6 +26,7 @@ interface Bench {
 const BENCHES: Bench[] = [
   { name: 'proxy', issue: 2, title: 'ProxyPort (issue 2)', run: runProxyBench },
   { name: 'warm-pool', issue: 3, title: 'WarmPool (issue 3)', run: runWarmPoolBench },
+  { name: 'turn', issue: 4, title: 'TurnServer (issue 4)', run: runTurnBench },
 ];
 
 const only = process.env.BENCH_ONLY;

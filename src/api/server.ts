@@ -1,7 +1,8 @@
 import { timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { HealthCheckError, type ProxyHealthChecker } from '../controllers/proxyport/health.js';
-import { claimObject, ClaimServiceError, type ClaimInput, type ClaimService } from '../controllers/warmpool/claims.js';
+import { iceServersFor, NoHealthyTurnServerError } from '../controllers/turnserver/ice.js';
+import { claimObject, ClaimServiceError, USER_ID, type ClaimInput, type ClaimService } from '../controllers/warmpool/claims.js';
 import type { ClaimState } from '../state/pools.js';
 import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
 import { AdmissionError } from '../desired/apply.js';
@@ -70,6 +71,10 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     if (err instanceof ClaimServiceError) {
       if (err.retryAfterSeconds !== undefined) reply.header('retry-after', String(err.retryAfterSeconds));
       return sendError(reply, new ApiError(err.status, err.code, err.message));
+    }
+    if (err instanceof NoHealthyTurnServerError) {
+      reply.header('retry-after', '5');
+      return sendError(reply, new ApiError(503, 'NO_HEALTHY_TURN_SERVER', err.message));
     }
     if (err instanceof HealthCheckError) {
       return sendError(reply, new ApiError(err.code === 'NOT_FOUND' ? 404 : 409, err.code, err.message));
@@ -170,6 +175,17 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
   app.delete('/api/v1/claims/:id', { preHandler: requireToken }, async (req) => {
     const claim = deps.claims.release((req.params as { id: string }).id);
     return claimObject(claim);
+  });
+
+  // ---- ICE servers (TURN) ---------------------------------------------------
+  // Hands out credentials (derived, short-lived): the token is required as for mutating calls.
+  app.get('/api/v1/ice-servers', { preHandler: requireToken }, async (req, reply) => {
+    const { userId } = req.query as { userId?: string };
+    if (typeof userId !== 'string' || !USER_ID.test(userId)) {
+      throw new ApiError(400, 'INVALID', 'userId: required; 1-128 of letters, digits and . _ @ -, starting with a letter or digit');
+    }
+    reply.header('cache-control', 'no-store');
+    return iceServersFor(store, userId);
   });
 
   // ---- generic read access ---------------------------------------------

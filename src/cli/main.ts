@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import YAML from 'yaml';
 import { ConfigError, loadConfig, type Config } from '../config.js';
@@ -8,6 +9,8 @@ import { poolOf } from '../controllers/proxyport/admission.js';
 import { HealthCheckError, ProxyHealthChecker } from '../controllers/proxyport/health.js';
 import { ensureUserPort, findPortByUser, InvalidInputError, removeUserPort } from '../controllers/proxyport/service.js';
 import { ADMISSIONS, createValidator } from '../controllers/registry.js';
+import { renderTurnserverConf } from '../controllers/turnserver/render.js';
+import { CredentialsError, readSecretFile, type TurnServerSpec } from '../controllers/turnserver/types.js';
 import { Daemon } from '../daemon.js';
 import { AdmissionError, appliedFrom, applyPath } from '../desired/apply.js';
 import { resolveKindName } from '../desired/kinds.js';
@@ -177,6 +180,36 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
           }
           const r = mustGet(store, kind, name);
           io.out(describe(r, store, kind === 'WarmPool' ? warmPoolSections(store, name) : []));
+          return EXIT.OK;
+        }),
+      ),
+    );
+
+  program
+    .command('render')
+    .description('configuration for an outside server, from a resource: `render turnserver-conf NAME` prints a coturn config')
+    .argument('<what>', 'turnserver-conf')
+    .argument('<name>', 'TurnServer name')
+    .option('-o, --output-file <file>', 'write it to FILE (mode 0600) with the credential filled in from the file the spec names')
+    .action(
+      action((what: string, name: string, opts: { outputFile?: string }) =>
+        withStore((store) => {
+          if (what !== 'turnserver-conf') throw new CliError(`unknown thing to render "${what}" (known: turnserver-conf)`);
+          const r = mustGet(store, 'TurnServer', name);
+          const spec = r.spec as unknown as TurnServerSpec;
+          if (!opts.outputFile) {
+            io.out(renderTurnserverConf(name, spec).text.trimEnd());
+            return EXIT.OK;
+          }
+          let secret: string;
+          try {
+            secret = spec.auth.mode === 'longTerm' ? readSecretFile(spec.auth.passwordFile, 'auth.passwordFile') : readSecretFile(spec.auth.secretFile, 'auth.secretFile');
+          } catch (err) {
+            if (err instanceof CredentialsError) throw new CliError(`TurnServer ${name}: ${err.message}`);
+            throw err;
+          }
+          writePrivateFile(opts.outputFile, renderTurnserverConf(name, spec, secret).text);
+          io.out(`wrote ${opts.outputFile} (mode 0600; it holds the ${spec.auth.mode === 'longTerm' ? 'password' : 'shared secret'})`);
           return EXIT.OK;
         }),
       ),
@@ -523,4 +556,17 @@ function parseRatio(v: string): number {
   const n = Number(v);
   if (!Number.isFinite(n) || n < 0 || n > 1) throw new InvalidArgumentError('must be a number from 0 to 1');
   return n;
+}
+
+/** Writes a file that holds a credential: created 0600 next to the target, then renamed over it. */
+function writePrivateFile(file: string, text: string): void {
+  const tmp = `${file}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, text, { mode: 0o600, flag: 'wx' });
+  try {
+    fs.chmodSync(tmp, 0o600);
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    fs.rmSync(tmp, { force: true });
+    throw err;
+  }
 }

@@ -17,12 +17,14 @@ import {
   proxyPortDocumentsCheck,
 } from './proxyport/admission.js';
 import { ProxyPortController } from './proxyport/controller.js';
+import { turnServerDocumentsCheck } from './turnserver/admission.js';
+import { TurnServerController } from './turnserver/controller.js';
 import { claimDocumentsCheck } from './warmpool/admission.js';
 import { WarmPoolController } from './warmpool/controller.js';
 import { EngineSet, type EngineFactories } from './warmpool/engines.js';
 
 // The one place that knows which kinds this build handles. A kind with a CRD but no
-// controller here (TurnServer for now) is validated and stored, and its status says NoController.
+// controller here would be validated and stored, and its status would say NoController.
 
 export const ADMISSIONS: Admission[] = [proxyPoolAdmission, proxyPortAdmission];
 
@@ -30,6 +32,7 @@ const SEMANTIC_CHECKS = new Map<string, SemanticCheck>([
   ['ProxyPool', proxyPoolDocumentsCheck],
   ['ProxyPort', proxyPortDocumentsCheck],
   ['Claim', claimDocumentsCheck],
+  ['TurnServer', turnServerDocumentsCheck],
 ]);
 
 export function createValidator(): DesiredStateValidator {
@@ -72,5 +75,6 @@ export function createControllers(deps: ControllerDeps): {
     orphanSweepMs: deps.warmPools.orphanSweepMs,
     claimHistory: deps.warmPools.claimHistory,
   });
-  return { controllers: [proxyPools, new ProxyPortController(deps.store), warmPools], proxyPools, warmPools, engines };
+  const turnServers = new TurnServerController({ store: deps.store, metrics: deps.metrics, logger: deps.logger });
+  return { controllers: [proxyPools, new ProxyPortController(deps.store), warmPools, turnServers], proxyPools, warmPools, engines };
 }

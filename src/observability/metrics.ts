@@ -132,6 +132,31 @@ export class Metrics {
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers: [this.registry],
   });
+  readonly turnUp = new Gauge({
+    name: 'polydev_turn_up',
+    help: '1 while a TurnServer is healthy (its last probe succeeded or failures are under the threshold), else 0.',
+    labelNames: ['server'] as const,
+    registers: [this.registry],
+  });
+  readonly turnProbeDuration = new Histogram({
+    name: 'polydev_turn_probe_duration_seconds',
+    help: 'Successful probe steps of a TurnServer: binding, allocate (with the 401 round), release.',
+    labelNames: ['server', 'step'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+    registers: [this.registry],
+  });
+  readonly turnProbeFailures = new Counter({
+    name: 'polydev_turn_probe_failures_total',
+    help: 'Failed probes of a TurnServer by reason (unreachable, timeout, auth_rejected, allocation_refused, malformed, credentials).',
+    labelNames: ['server', 'reason'] as const,
+    registers: [this.registry],
+  });
+  readonly turnRestarts = new Counter({
+    name: 'polydev_turn_restarts_total',
+    help: 'Restarts of a TurnServer the daemon ran (successful or not).',
+    labelNames: ['server'] as const,
+    registers: [this.registry],
+  });
   readonly engineOperations = new Counter({
     name: 'polydev_engine_operations_total',
     help: 'Calls to a container engine by engine, operation (list, start, remove, inject, recycle, update) and result (success, error).',

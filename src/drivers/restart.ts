@@ -1,0 +1,56 @@
+// Restarts a server the daemon watches but does not run itself: an operator's command (an
+// argument vector, never a shell string) or a systemd unit (`systemctl restart UNIT`).
+//
+// A restart command usually starts a daemon that outlives it. The result is therefore the
+// command's own exit, not the closing of its output pipes (a daemonised child may keep them
+// open for ever); stdout is ignored and only the tail of stderr is kept for the message.
+
+import { spawn } from 'node:child_process';
+
+export interface RestartOutcome {
+  ok: boolean;
+  exitCode: number | null;
+  signal: NodeJS.Signals | null;
+  timedOut: boolean;
+  durationMs: number;
+  /** One line for events and status: what ran and how it ended (stderr's tail when it failed). */
+  message: string;
+}
+
+const STDERR_TAIL = 400;
+
+export function runRestartCommand(argv: string[], timeoutMs: number): Promise<RestartOutcome> {
+  if (argv.length === 0 || !argv[0]) throw new Error('a restart command needs at least a program');
+  const started = performance.now();
+  return new Promise((resolve) => {
+    let stderr = '';
+    let timedOut = false;
+    let done = false;
+    const finish = (o: Omit<RestartOutcome, 'durationMs' | 'message'>, message: string) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      child.stderr?.destroy();
+      resolve({ ...o, durationMs: Math.round(performance.now() - started), message });
+    };
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'], shell: false, detached: false });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.stderr?.on('data', (b: Buffer) => {
+      stderr = (stderr + b.toString('utf8')).slice(-STDERR_TAIL);
+    });
+    child.on('error', (err) => finish({ ok: false, exitCode: null, signal: null, timedOut: false }, `${argv[0]}: ${err.message}`));
+    child.on('exit', (code, signal) => {
+      const ok = code === 0 && !timedOut;
+      const how = timedOut ? `killed after ${timeoutMs} ms` : signal ? `killed by ${signal}` : `exit code ${code}`;
+      const tail = stderr.trim().split('\n').slice(-3).join(' | ');
+      finish({ ok, exitCode: code, signal, timedOut }, ok ? `${argv[0]} finished (exit code 0)` : `${argv[0]} failed: ${how}${tail ? `: ${tail}` : ''}`);
+    });
+  });
+}
+
+export function restartSystemdUnit(unit: string, timeoutMs: number): Promise<RestartOutcome> {
+  return runRestartCommand(['systemctl', 'restart', unit], timeoutMs);
+}
