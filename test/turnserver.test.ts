@@ -221,3 +221,20 @@ test('render turnserver-conf: without -o no secret is printed; with -o a 0600 fi
   const r = await probeTurn({ host: '127.0.0.1', port: rendered.port, transport: 'udp', realm: c.realm, timeoutMs: 2000, credentials: { mode: 'restSecret', secret: c.secret!, id: 'render-test', ttlSeconds: 600 } });
   t.is(r.errorClass, undefined, r.error);
 });
+
+test('TLS: the probe trusts the CA from tls.caFile, all three transports pass, and browsers get a turns: URI', async (t) => {
+  const c = await startCoturn(t, { mode: 'restSecret', tls: true });
+  const p = await turnEnv(t, (env) => {
+    const caFile = path.join(env.dir, 'turn-ca.pem');
+    fs.writeFileSync(caFile, c.tlsCert!);
+    return [turnDoc(env, c, 'tls', { transports: ['udp', 'tcp', 'tls'], ports: { stun: c.port, tls: c.tlsPort }, tls: { caFile } })];
+  });
+  await waitFor('Healthy', phaseIs(p, 'tls', 'Healthy'), 20_000);
+  const tls = p.status('tls')!.lastProbe.transports.find((x: { transport: string }) => x.transport === 'tls');
+  t.is(tls.errorClass, 'none');
+  t.truthy(tls.relayedAddress);
+  const ice = await p.get('/api/v1/ice-servers?userId=bob');
+  t.is(ice.status, 200);
+  const turn = ice.body.iceServers.find((s: { urls: string[] }) => s.urls.some((u) => u.startsWith('turns:')));
+  t.true(turn.urls.includes(`turns:127.0.0.1:${c.tlsPort}?transport=tcp`));
+});

@@ -42,12 +42,24 @@ export function runRestartCommand(argv: string[], timeoutMs: number): Promise<Re
       stderr = (stderr + b.toString('utf8')).slice(-STDERR_TAIL);
     });
     child.on('error', (err) => finish({ ok: false, exitCode: null, signal: null, timedOut: false }, `${argv[0]}: ${err.message}`));
+    let stderrEnded = false;
+    child.stderr?.on('end', () => (stderrEnded = true));
     child.on('exit', (code, signal) => {
+      // stderr may still be arriving; a daemonised child may hold it open for ever: wait briefly.
+      if (!stderrEnded && child.stderr) {
+        const settle = setTimeout(() => judge(code, signal), 100);
+        child.stderr.once('end', () => {
+          clearTimeout(settle);
+          judge(code, signal);
+        });
+      } else judge(code, signal);
+    });
+    const judge = (code: number | null, signal: NodeJS.Signals | null) => {
       const ok = code === 0 && !timedOut;
       const how = timedOut ? `killed after ${timeoutMs} ms` : signal ? `killed by ${signal}` : `exit code ${code}`;
       const tail = stderr.trim().split('\n').slice(-3).join(' | ');
       finish({ ok, exitCode: code, signal, timedOut }, ok ? `${argv[0]} finished (exit code 0)` : `${argv[0]} failed: ${how}${tail ? `: ${tail}` : ''}`);
-    });
+    };
   });
 }
 

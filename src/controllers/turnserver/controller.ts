@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import { probeTurn, type TurnCredentials, type TurnProbeResult, type TurnTransport } from '../../drivers/turn.js';
 import { restartSystemdUnit, runRestartCommand, type RestartOutcome } from '../../drivers/restart.js';
 import type { Logger } from '../../observability/logger.js';
@@ -134,6 +135,7 @@ export class TurnServerController implements SimpleController {
   async probe(d: TurnServerDesired): Promise<TurnProbe> {
     const { spec } = d;
     const credentials = this.credentials(d);
+    const tls = spec.transports.includes('tls') ? tlsOptions(spec.tls) : undefined;
     const at = Date.now();
     const transports = await Promise.all(
       spec.transports.map((transport: TurnTransport) =>
@@ -144,6 +146,7 @@ export class TurnServerController implements SimpleController {
           realm: spec.realm,
           credentials,
           timeoutMs: d.timeoutMs,
+          ...(transport === 'tls' && tls ? { tls } : {}),
           signal: AbortSignal.timeout(d.timeoutMs * 3 + 500),
         }),
       ),
@@ -263,6 +266,20 @@ export class TurnServerController implements SimpleController {
     const { metrics } = this.opts;
     metrics.turnUp.remove({ server: name });
   }
+}
+
+/** The probe's TLS settings; an unreadable CA file is a credentials problem (reported, nothing probed). */
+function tlsOptions(tls: TurnServerDesired['spec']['tls']): { ca?: string; servername?: string } {
+  const out: { ca?: string; servername?: string } = {};
+  if (tls?.caFile) {
+    try {
+      out.ca = fs.readFileSync(tls.caFile, 'utf8');
+    } catch (err) {
+      throw new CredentialsError(`tls.caFile ${tls.caFile} cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+  }
+  if (tls?.serverName) out.servername = tls.serverName;
+  return out;
 }
 
 function inRange(address: string, range: { min: number; max: number }): boolean {

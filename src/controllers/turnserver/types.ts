@@ -13,6 +13,7 @@ export interface TurnServerSpec {
   publicHost?: string;
   ports: { stun: number; tls?: number };
   transports: TurnTransportName[];
+  tls?: { caFile?: string; serverName?: string };
   realm: string;
   auth:
     | { mode: 'longTerm'; username: string; passwordFile: string; credentialTTL: string }
