@@ -179,6 +179,12 @@ test('a server gone for good is Failed after the restart budget, and restarts st
   t.is(p.status('gone')!.phase, 'Failed');
   t.true(['unreachable', 'timeout'].includes(p.status('gone')!.lastProbe.errorClass));
   t.is(p.events('gone').filter((e) => e.reason === 'RestartBudgetExhausted').length, 1);
+  // Deleted: the resource goes (the daemon does not own the server) and so do its series.
+  p.daemon.store.transaction(() => p.daemon.store.requestDeletion('TurnServer', 'gone'));
+  await waitFor('deleted', () => p.daemon.store.getResource('TurnServer', 'gone') === undefined, 10_000);
+  const metrics = await (await fetch(`${p.daemon.address}/metrics`)).text();
+  t.is(metricValue(metrics, 'polydev_turn_up', { server: 'gone' }), undefined);
+  t.is(metricValue(metrics, 'polydev_turn_restarts_total', { server: 'gone' }), undefined);
 });
 
 test('an unreadable secret file is CredentialsUnavailable: nothing probed, nothing restarted', async (t) => {

@@ -264,7 +264,11 @@ export class TurnServerController implements SimpleController {
   private forget(name: string): void {
     this.schedules.delete(name);
     const { metrics } = this.opts;
+    // A server no longer declared leaves no series behind (an alert on it would never resolve).
     metrics.turnUp.remove({ server: name });
+    for (const step of ['binding', 'allocate', 'release']) metrics.turnProbeDuration.remove({ server: name, step });
+    for (const reason of ['unreachable', 'timeout', 'auth_rejected', 'allocation_refused', 'malformed', 'credentials']) metrics.turnProbeFailures.remove({ server: name, reason });
+    metrics.turnRestarts.remove({ server: name });
   }
 }
 
