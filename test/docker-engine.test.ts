@@ -638,6 +638,40 @@ test('watch: reconnects with backoff after the stream ends, reports it, and stop
   }
 });
 
+test('watch: an outage is reported once however many retries fail, and its end is announced', async (t) => {
+  // Nothing listens on the socket at first: every retry fails (ENOENT) until the fake engine starts.
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'pd-ev-'));
+  const sock = path.join(dir, 'ev.sock');
+  const fake = new DockerEngine({ socketPath: sock });
+  const errors: Error[] = [];
+  let resumed = 0;
+  let connects = 0;
+  const srv = http.createServer((_req, res) => {
+    connects++;
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.write('');
+  });
+  const stop = fake.watch('own1', () => undefined, (e) => errors.push(e), () => resumed++);
+  try {
+    await sleep(1200); // retries after 250, 500 ms: at least three failed attempts
+    t.is(errors.length, 1, 'one report for the whole outage');
+    t.regex(errors[0]!.message, /not reachable/);
+    t.is(resumed, 0);
+    await new Promise<void>((r) => srv.listen(sock, r));
+    const end = Date.now() + 5000;
+    while (resumed === 0 && Date.now() < end) await sleep(20);
+    t.is(resumed, 1, 'the end of the outage is announced once');
+    t.is(connects, 1);
+    t.is(errors.length, 1);
+  } finally {
+    stop();
+    await fake.close();
+    srv.closeAllConnections();
+    await new Promise<void>((r) => srv.close(() => r()));
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('DeviceRequests for nvidia/gpu reach the container config (create only, no GPU here)', async (t) => {
   const owner = uniq('own');
   const s = spec(owner, 'gpu', { resources: { memoryMB: 64, devices: [{ name: 'nvidia/gpu', count: 1 }] } });

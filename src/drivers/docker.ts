@@ -924,7 +924,7 @@ export class DockerEngine implements Engine {
     throw new EngineError('EngineError', `Docker engine at unix://${this.socketPath}: renaming container ${id} to ${name} failed: ${res.status} ${DockerClient.messageOf(res)}`);
   }
 
-  watch(owner: string, onEvent: (e: EngineEvent) => void, onError?: (err: Error) => void): () => void {
+  watch(owner: string, onEvent: (e: EngineEvent) => void, onError?: (err: Error) => void, onResumed?: () => void): () => void {
     const filters = { type: ['container'], label: [`${LABELS.owner}=${owner}`] };
     let stopped = false;
     let req: http.ClientRequest | undefined;
@@ -943,13 +943,16 @@ export class DockerEngine implements Engine {
     };
     /** When the current stream got its 200; a stream that stayed up a while resets the backoff. */
     let upSince: number | undefined;
+    /** An outage was reported and the stream has not been back since: retries stay quiet. */
+    let down = false;
     const reconnect = (err: Error): void => {
       if (stopped || retry) return;
       req?.destroy();
       req = undefined;
       if (upSince !== undefined && Date.now() - upSince >= WATCH_STABLE_MS) backoff = WATCH_BACKOFF_MIN_MS;
       upSince = undefined;
-      report(err);
+      if (!down) report(err);
+      down = true;
       const delay = backoff;
       backoff = Math.min(backoff * 2, WATCH_BACKOFF_MAX_MS);
       retry = setTimeout(() => {
@@ -983,6 +986,14 @@ export class DockerEngine implements Engine {
           return;
         }
         upSince = Date.now();
+        if (down) {
+          down = false;
+          try {
+            onResumed?.();
+          } catch {
+            /* the callback's problem */
+          }
+        }
         const splitter = new JsonLineSplitter();
         res.on('data', (chunk: Buffer) => {
           if (stopped || req !== r) return;

@@ -378,10 +378,15 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
       this.ctx.enqueue('WarmPool', e.pool);
     };
     const onError = (err: Error) => {
-      this.opts.logger.warn('engine event stream broke; reconciling every pool', { engine: name, error: err.message });
+      this.opts.logger.warn('engine event stream broke; every pool is reconciled when it is back', { engine: name, error: err.message });
+    };
+    // Events may have been missed during the outage. Enqueuing at the break instead would also
+    // cut short every pool's backoff on each failed retry while the engine is down.
+    const onResumed = () => {
+      this.opts.logger.info('engine event stream is back; reconciling every pool', { engine: name });
       for (const pool of this.poolKeys()) this.ctx?.enqueue('WarmPool', pool);
     };
-    this.watching.set(name, engine.watch(this.opts.owner, onEvent, onError));
+    this.watching.set(name, engine.watch(this.opts.owner, onEvent, onError, onResumed));
   }
 
   /** Removes owned containers (and rows) of pools that no longer exist. */

@@ -118,7 +118,11 @@ export interface Engine {
   update?(id: string, resources: ContainerResources): Promise<void>;
   /** Best-effort display name change (Docker rename), used to show claimed containers; may be a no-op. */
   rename?(id: string, name: string): Promise<void>;
-  /** Follows the engine's events for this owner until the returned function is called; reconnects by itself. */
-  watch(owner: string, onEvent: (e: EngineEvent) => void, onError?: (err: Error) => void): () => void;
+  /**
+   * Follows the engine's events for this owner until the returned function is called; reconnects
+   * by itself. onError hears once per outage (not on every failed retry); onResumed when the
+   * stream is back after one (events may have been missed meanwhile).
+   */
+  watch(owner: string, onEvent: (e: EngineEvent) => void, onError?: (err: Error) => void, onResumed?: () => void): () => void;
   close?(): Promise<void>;
 }

@@ -24,7 +24,7 @@ function instrument(engine: Engine, metrics: Metrics): Engine {
     remove: (id) => count('remove', engine.remove(id)),
     inject: (id, injection) => count('inject', engine.inject(id, injection)),
     recycle: (c, dir) => count('recycle', engine.recycle(c, dir)),
-    watch: (owner, onEvent, onError) => engine.watch(owner, onEvent, onError),
+    watch: (owner, onEvent, onError, onResumed) => engine.watch(owner, onEvent, onError, onResumed),
   };
   if (engine.update) wrapped.update = (id, r) => count('update', engine.update!(id, r));
   if (engine.rename) wrapped.rename = (id, n) => count('rename', engine.rename!(id, n));
