@@ -46,7 +46,8 @@ function apiOf(daemon: Daemon): Api {
       body = JSON.stringify(opts.body);
       headers['content-type'] = 'application/json';
     }
-    const res = await fetch(base + path, { method, headers, ...(body !== undefined ? { body } : {}), signal: AbortSignal.timeout(30_000) });
+    // A guard against a hung request, not a speed check: 200 queued requests on a loaded CI machine take ~25 s.
+    const res = await fetch(base + path, { method, headers, ...(body !== undefined ? { body } : {}), signal: AbortSignal.timeout(90_000) });
     const text = await res.text();
     let parsed: unknown = text;
     try {

@@ -1,0 +1,587 @@
+// A small in-memory fake of the Nomad HTTP API endpoints used by
+// src/drivers/nomad.ts, following the documented behaviour of Nomad 1.6–1.8
+// (https://developer.hashicorp.com/nomad/api-docs). One namespace, one node,
+// no evaluations/scheduler: a registration directly places Count allocations per
+// task group, which turn "running" (or "failed", for images in `failImages`) a
+// few ms later. A global Raft-like index increases on every write; per-table
+// indices ("jobs", "allocs") drive X-Nomad-Index and blocking queries like
+// Nomad's state store does.
+//
+// Deliberately NOT implemented: evaluations/deployments/reschedules, multiple
+// namespaces or regions (the query parameters are accepted and ignored), ACL
+// policies (a single management token), job versions history, summaries,
+// filter expressions, gzip, the event stream's buffer eviction.
+
+import http from 'node:http';
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import type { ExecutionContext } from 'ava';
+
+import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
+
+export interface FakeNomadOptions {
+  token?: string;
+  heartbeatMs?: number;
+  failImages?: string[];
+  /** Delay before allocations leave "pending" (default 20 ms). */
+  placeMs?: number;
+}
+
+export interface FakeNomad {
+  address: string;
+  /** Every request received, in order (path without the query string). */
+  requests: Array<{ method: string; path: string; url: string }>;
+  /** Delay every response by this many ms (settable). */
+  delayMs: number;
+  /** Current global index. */
+  readonly index: number;
+  failNext(status: number, count?: number): void;
+  dropStreams(): void;
+  readonly openStreams: number;
+  close(): Promise<void>;
+}
+
+interface Stream {
+  res: http.ServerResponse;
+  topics: Array<{ topic: string; key: string }>;
+  heartbeat: NodeJS.Timeout;
+}
+
+const NODE_ID = 'f0c1d1e2-0000-4000-8000-000000000001';
+const NODE_NAME = 'fake-node-1';
+
+function parseGoDuration(s: string | null): number {
+  if (!s) return 5 * 60_000; // Nomad's default wait is 5 minutes
+  const re = /(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/g;
+  const unit: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+  let total = 0;
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(s))) total += Number(m[1]) * unit[m[2]!]!;
+  return Math.min(total, 10 * 60_000); // Nomad caps wait at 10 minutes
+}
+
+export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions = {}): Promise<FakeNomad> {
+  const heartbeatMs = opts.heartbeatMs ?? 10_000;
+  const placeMs = opts.placeMs ?? 20;
+  const failImages = new Set(opts.failImages ?? []);
+
+  let index = 1;
+  const tableIndex = { jobs: 1, allocs: 1 };
+  const jobs = new Map<string, NomadJob>();
+  const allocs = new Map<string, NomadAllocation>();
+  const eventLog: Array<{ Index: number; Events: NomadEvent[] }> = [];
+  const waiters = new Set<() => void>();
+  const streams = new Set<Stream>();
+  const timers = new Set<NodeJS.Timeout>();
+  let fail: { status: number; count: number } | undefined;
+  let nextPort = 20000;
+
+  /** Apply one write at a new index and publish its events. */
+  function write(tables: Array<'jobs' | 'allocs'>, fn: (idx: number) => NomadEvent[]): number {
+    const idx = ++index;
+    for (const tb of tables) tableIndex[tb] = idx;
+    const events = fn(idx);
+    if (events.length) {
+      const batch = { Index: idx, Events: events };
+      eventLog.push(batch);
+      for (const s of streams) sendBatch(s, batch);
+    }
+    for (const w of [...waiters]) w();
+    return idx;
+  }
+
+  function matches(s: Stream, e: NomadEvent): boolean {
+    return s.topics.some(
+      (tp) =>
+        (tp.topic === '*' || tp.topic === e.Topic) &&
+        (tp.key === '*' || tp.key === e.Key || (e.FilterKeys ?? []).includes(tp.key)),
+    );
+  }
+
+  function sendBatch(s: Stream, batch: { Index: number; Events: NomadEvent[] }): void {
+    const evs = batch.Events.filter((e) => matches(s, e));
+    if (evs.length) s.res.write(JSON.stringify({ Index: batch.Index, Events: evs }) + '\n');
+  }
+
+  const jobEvent = (type: string, job: NomadJob, idx: number): NomadEvent => ({
+    Topic: 'Job',
+    Type: type,
+    Key: job.ID,
+    Namespace: job.Namespace ?? 'default',
+    FilterKeys: null,
+    Index: idx,
+    Payload: { Job: structuredClone(job) },
+  });
+  const allocEvent = (type: string, a: NomadAllocation, idx: number): NomadEvent => ({
+    Topic: 'Allocation',
+    Type: type,
+    Key: a.ID,
+    Namespace: a.Namespace ?? 'default',
+    FilterKeys: [a.JobID, a.DeploymentID as string].filter(Boolean),
+    Index: idx,
+    Payload: { Allocation: structuredClone(a) },
+  });
+
+  function stub(j: NomadJob): NomadJobStub {
+    return {
+      ID: j.ID,
+      ParentID: '',
+      Name: j.Name ?? j.ID,
+      Namespace: j.Namespace ?? 'default',
+      Datacenters: j.Datacenters ?? ['dc1'],
+      Type: j.Type ?? 'service',
+      Priority: j.Priority ?? 50,
+      Stop: j.Stop ?? false,
+      Status: j.Status ?? 'pending',
+      StatusDescription: '',
+      CreateIndex: j.CreateIndex ?? 0,
+      ModifyIndex: j.ModifyIndex ?? 0,
+      JobModifyIndex: j.JobModifyIndex ?? 0,
+      SubmitTime: j.SubmitTime ?? 0,
+      Meta: j.Meta ?? null,
+    };
+  }
+
+  function allocStub(a: NomadAllocation): Omit<NomadAllocation, 'Job' | 'AllocatedResources' | 'Resources' | 'TaskResources'> {
+    const { Job: _j, AllocatedResources: _ar, Resources: _r, TaskResources: _tr, ...rest } = a;
+    return rest;
+  }
+
+  function refreshJobStatus(job: NomadJob, idx: number): void {
+    const as = [...allocs.values()].filter((a) => a.JobID === job.ID && a.DesiredStatus === 'run');
+    const status = job.Stop
+      ? 'dead'
+      : as.some((a) => a.ClientStatus === 'running' || a.ClientStatus === 'pending')
+        ? as.some((a) => a.ClientStatus === 'running')
+          ? 'running'
+          : 'pending'
+        : as.length
+          ? 'dead'
+          : 'pending';
+    if (status !== job.Status) {
+      job.Status = status;
+      job.ModifyIndex = idx;
+    }
+  }
+
+  function taskState(state: string, failed: boolean, events: NomadTaskState['Events']): NomadTaskState {
+    return { State: state, Failed: failed, Restarts: 0, LastRestart: null, StartedAt: null, FinishedAt: null, Events: events };
+  }
+
+  function place(job: NomadJob, idx: number): NomadAllocation[] {
+    const out: NomadAllocation[] = [];
+    const nowNs = Date.now() * 1e6;
+    for (const tg of job.TaskGroups ?? []) {
+      for (let i = 0; i < (tg.Count ?? 1); i++) {
+        const ports: Array<{ Label: string; Value: number; To: number; HostIP: string }> = [];
+        const nets = (tg.Networks ?? []).map((n) => ({
+          Mode: n.Mode ?? 'host',
+          IP: '127.0.0.1',
+          DynamicPorts: (n.DynamicPorts ?? []).map((p) => {
+            const v = { Label: p.Label, Value: nextPort++, To: p.To ?? 0, HostNetwork: 'default' };
+            ports.push({ Label: p.Label, Value: v.Value, To: v.To, HostIP: '127.0.0.1' });
+            return v;
+          }),
+          ReservedPorts: (n.ReservedPorts ?? []).map((p) => {
+            ports.push({ Label: p.Label, Value: p.Value ?? 0, To: p.To ?? 0, HostIP: '127.0.0.1' });
+            return { Label: p.Label, Value: p.Value ?? 0, To: p.To ?? 0, HostNetwork: 'default' };
+          }),
+        }));
+        const tasks: Record<string, NonNullable<NomadAllocation['AllocatedResources']>['Tasks'] extends infer T ? T extends Record<string, infer V> ? V : never : never> = {};
+        const states: Record<string, NomadTaskState> = {};
+        for (const task of tg.Tasks) {
+          tasks[task.Name] = {
+            Cpu: { CpuShares: task.Resources?.CPU ?? 100, ReservedCores: null },
+            Memory: { MemoryMB: task.Resources?.MemoryMB ?? 300, MemoryMaxMB: task.Resources?.MemoryMaxMB ?? 0 },
+            Networks: null,
+            Devices: null,
+          };
+          states[task.Name] = taskState('pending', false, [
+            { Type: 'Received', Time: nowNs, DisplayMessage: 'Task received by client' },
+          ]);
+        }
+        const a: NomadAllocation = {
+          ID: randomUUID(),
+          EvalID: randomUUID(),
+          Name: `${job.ID}.${tg.Name}[${i}]`,
+          Namespace: job.Namespace ?? 'default',
+          NodeID: NODE_ID,
+          NodeName: NODE_NAME,
+          JobID: job.ID,
+          JobType: job.Type ?? 'service',
+          JobVersion: job.Version ?? 0,
+          TaskGroup: tg.Name,
+          DesiredStatus: 'run',
+          DesiredDescription: '',
+          ClientStatus: 'pending',
+          ClientDescription: '',
+          TaskStates: states,
+          CreateIndex: idx,
+          ModifyIndex: idx,
+          CreateTime: nowNs,
+          ModifyTime: nowNs,
+          Job: structuredClone(job),
+          AllocatedResources: { Tasks: tasks, Shared: { DiskMB: 0, Networks: nets, Ports: ports } },
+          Resources: {
+            CPU: tg.Tasks.reduce((s, tk) => s + (tk.Resources?.CPU ?? 100), 0),
+            MemoryMB: tg.Tasks.reduce((s, tk) => s + (tk.Resources?.MemoryMB ?? 300), 0),
+            Networks: nets,
+          },
+        };
+        allocs.set(a.ID, a);
+        out.push(a);
+      }
+    }
+    return out;
+  }
+
+  /** The "client" starts (or fails to start) the placed allocations. */
+  function startLater(jobId: string, allocIds: string[]): void {
+    const tm = setTimeout(() => {
+      timers.delete(tm);
+      write(['allocs', 'jobs'], (idx) => {
+        const evs: NomadEvent[] = [];
+        const nowNs = Date.now() * 1e6;
+        for (const id of allocIds) {
+          const a = allocs.get(id);
+          if (!a || a.DesiredStatus !== 'run' || a.ClientStatus !== 'pending') continue;
+          const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
+          let anyFailed = false;
+          for (const task of tg?.Tasks ?? []) {
+            const st = a.TaskStates![task.Name]!;
+            const image = task.Config?.image;
+            if (typeof image === 'string' && failImages.has(image)) {
+              anyFailed = true;
+              const why = `Failed to pull \`${image}\`: Error response from daemon: manifest for ${image} not found: manifest unknown`;
+              st.State = 'dead';
+              st.Failed = true;
+              st.FinishedAt = new Date().toISOString();
+              st.Events!.push({ Type: 'Driver Failure', Time: nowNs, DisplayMessage: why, DriverError: why, FailsTask: true });
+              st.Events!.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Error was unrecoverable', FailsTask: true });
+            } else {
+              st.State = 'running';
+              st.StartedAt = new Date().toISOString();
+              st.Events!.push({ Type: 'Started', Time: nowNs, DisplayMessage: 'Task started by client' });
+            }
+          }
+          a.ClientStatus = anyFailed ? 'failed' : 'running';
+          a.ClientDescription = anyFailed ? 'Failed tasks' : 'Tasks are running';
+          a.ModifyIndex = idx;
+          a.ModifyTime = nowNs;
+          evs.push(allocEvent('AllocationUpdated', a, idx));
+        }
+        const job = jobs.get(jobId);
+        if (job) refreshJobStatus(job, idx);
+        return evs;
+      });
+    }, placeMs);
+    timers.add(tm);
+  }
+
+  // ---- HTTP -----------------------------------------------------------------
+
+  function send(res: http.ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+    const text = typeof body === 'string' ? body : JSON.stringify(body);
+    res.writeHead(status, {
+      'Content-Type': typeof body === 'string' ? 'text/plain; charset=utf-8' : 'application/json',
+      ...headers,
+    });
+    res.end(text);
+  }
+  const queryHeaders = (idx: number): Record<string, string> => ({
+    'X-Nomad-Index': String(idx),
+    'X-Nomad-LastContact': '0',
+    'X-Nomad-KnownLeader': 'true',
+  });
+
+  /** Hold a blocking query until `table`'s index passes ?index or ?wait elapses. */
+  async function block(u: URL, table: 'jobs' | 'allocs', res: http.ServerResponse): Promise<void> {
+    const min = Number(u.searchParams.get('index') ?? '0');
+    if (!(min > 0) || tableIndex[table] > min) return;
+    const waitMs = parseGoDuration(u.searchParams.get('wait'));
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(tm);
+        waiters.delete(check);
+        res.off('close', done);
+        resolve();
+      };
+      const check = (): void => {
+        if (tableIndex[table] > min) done();
+      };
+      const tm = setTimeout(done, waitMs);
+      waiters.add(check);
+      res.on('close', done);
+    });
+  }
+
+  async function readBody(req: http.IncomingMessage): Promise<unknown> {
+    const chunks: Buffer[] = [];
+    for await (const c of req) chunks.push(c as Buffer);
+    const s = Buffer.concat(chunks).toString('utf8');
+    return s ? JSON.parse(s) : {};
+  }
+
+  async function handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const u = new URL(req.url ?? '/', 'http://fake');
+    const method = req.method ?? 'GET';
+    fake.requests.push({ method, path: u.pathname, url: req.url ?? '/' });
+    if (fake.delayMs > 0) await new Promise((r) => setTimeout(r, fake.delayMs));
+    if (res.destroyed) return;
+    if (opts.token !== undefined && req.headers['x-nomad-token'] !== opts.token) {
+      return send(res, 403, 'Permission denied');
+    }
+    if (fail && fail.count > 0) {
+      fail.count--;
+      return send(res, fail.status, 'injected failure');
+    }
+    const p = u.pathname;
+    let m: RegExpMatchArray | null;
+
+    if (method === 'POST' && p === '/v1/jobs') {
+      let body: { Job?: NomadJob; EnforceIndex?: boolean; JobModifyIndex?: number };
+      try {
+        body = (await readBody(req)) as typeof body;
+      } catch {
+        return send(res, 400, 'Failed to decode request body');
+      }
+      const job = body.Job;
+      if (!job || typeof job.ID !== 'string' || !job.ID) return send(res, 400, 'Job ID does not exist');
+      if (!Array.isArray(job.TaskGroups) || job.TaskGroups.length === 0) {
+        return send(res, 500, '1 error occurred:\n\t* Missing job task groups\n\n');
+      }
+      const existing = jobs.get(job.ID);
+      if (body.EnforceIndex) {
+        // Real Nomad (nomad/job_endpoint.go, Job.Register) answers a failed
+        // check-and-set with HTTP 500 and one of these texts:
+        //   "Enforcing job modify index 0: job already exists"
+        //   "Enforcing job modify index N: job does not exist"
+        //   "Enforcing job modify index N: job exists with conflicting job modify index: M"
+        const want = body.JobModifyIndex ?? 0;
+        if (want === 0 && existing) return send(res, 500, 'Enforcing job modify index 0: job already exists');
+        if (want !== 0 && !existing) return send(res, 500, `Enforcing job modify index ${want}: job does not exist`);
+        if (existing && existing.JobModifyIndex !== want) {
+          return send(
+            res,
+            500,
+            `Enforcing job modify index ${want}: job exists with conflicting job modify index: ${existing.JobModifyIndex}`,
+          );
+        }
+      }
+      let placed: NomadAllocation[] = [];
+      const idx = write(['jobs', 'allocs'], (i) => {
+        const evs: NomadEvent[] = [];
+        const stored: NomadJob = structuredClone(job);
+        stored.Namespace = u.searchParams.get('namespace') ?? job.Namespace ?? 'default';
+        stored.Name = job.Name ?? job.ID;
+        stored.Type = job.Type ?? 'service';
+        stored.Stop = false;
+        stored.Status = 'pending';
+        stored.Version = existing ? (existing.Version ?? 0) + 1 : 0;
+        stored.CreateIndex = existing?.CreateIndex ?? i;
+        stored.ModifyIndex = i;
+        stored.JobModifyIndex = i;
+        stored.SubmitTime = Date.now() * 1e6;
+        jobs.set(job.ID, stored);
+        evs.push(jobEvent('JobRegistered', stored, i));
+        // Replace the previous version's allocations (no rolling update here).
+        for (const a of allocs.values()) {
+          if (a.JobID === job.ID && a.DesiredStatus === 'run') {
+            a.DesiredStatus = 'stop';
+            a.DesiredDescription = 'alloc is being updated due to job update';
+            if (a.ClientStatus === 'pending' || a.ClientStatus === 'running') a.ClientStatus = 'complete';
+            a.ModifyIndex = i;
+            evs.push(allocEvent('AllocationUpdateDesiredStatus', a, i));
+          }
+        }
+        placed = place(stored, i);
+        for (const a of placed) evs.push(allocEvent('PlanResult', a, i));
+        return evs;
+      });
+      startLater(job.ID, placed.map((a) => a.ID));
+      return send(
+        res,
+        200,
+        { EvalID: randomUUID(), EvalCreateIndex: idx, JobModifyIndex: idx, Warnings: '', Index: idx, LastContact: 0, KnownLeader: false },
+        { 'X-Nomad-Index': String(idx) },
+      );
+    }
+
+    if (method === 'GET' && p === '/v1/jobs') {
+      await block(u, 'jobs', res);
+      const prefix = u.searchParams.get('prefix') ?? '';
+      const perPage = Number(u.searchParams.get('per_page') ?? '0');
+      const next = u.searchParams.get('next_token') ?? '';
+      let list = [...jobs.values()]
+        .filter((j) => j.ID.startsWith(prefix))
+        .sort((a, b) => (a.ID < b.ID ? -1 : a.ID > b.ID ? 1 : 0));
+      if (next) list = list.filter((j) => j.ID >= next);
+      const headers = queryHeaders(tableIndex.jobs);
+      if (perPage > 0 && list.length > perPage) {
+        headers['X-Nomad-NextToken'] = list[perPage]!.ID;
+        list = list.slice(0, perPage);
+      }
+      return send(res, 200, list.map(stub), headers);
+    }
+
+    if ((m = p.match(/^\/v1\/job\/([^/]+)\/allocations$/)) && method === 'GET') {
+      await block(u, 'allocs', res);
+      const id = decodeURIComponent(m[1]!);
+      const list = [...allocs.values()].filter((a) => a.JobID === id).map(allocStub);
+      return send(res, 200, list, queryHeaders(tableIndex.allocs));
+    }
+
+    if ((m = p.match(/^\/v1\/job\/([^/]+)$/))) {
+      const id = decodeURIComponent(m[1]!);
+      const job = jobs.get(id);
+      if (method === 'GET') {
+        if (!job) return send(res, 404, 'job not found', queryHeaders(tableIndex.jobs));
+        return send(res, 200, job, queryHeaders(tableIndex.jobs));
+      }
+      if (method === 'DELETE') {
+        if (!job) return send(res, 404, 'job not found');
+        const purge = u.searchParams.get('purge') === 'true';
+        const idx = write(['jobs', 'allocs'], (i) => {
+          const evs: NomadEvent[] = [];
+          job.Stop = true;
+          job.Status = 'dead';
+          job.ModifyIndex = i;
+          job.JobModifyIndex = i;
+          for (const a of allocs.values()) {
+            if (a.JobID !== id || a.DesiredStatus !== 'run') continue;
+            a.DesiredStatus = 'stop';
+            a.DesiredDescription = 'alloc not needed due to job update';
+            if (a.ClientStatus === 'pending' || a.ClientStatus === 'running') {
+              a.ClientStatus = 'complete';
+              for (const st of Object.values(a.TaskStates ?? {})) {
+                st.State = 'dead';
+                st.FinishedAt = new Date().toISOString();
+                st.Events?.push({ Type: 'Killed', Time: Date.now() * 1e6, DisplayMessage: 'Task successfully killed' });
+              }
+            }
+            a.ModifyIndex = i;
+            evs.push(allocEvent('AllocationUpdateDesiredStatus', a, i));
+          }
+          if (purge) jobs.delete(id);
+          evs.push(jobEvent('JobDeregistered', job, i));
+          return evs;
+        });
+        return send(res, 200, { EvalID: randomUUID(), EvalCreateIndex: idx, JobModifyIndex: idx, Index: idx }, { 'X-Nomad-Index': String(idx) });
+      }
+    }
+
+    if ((m = p.match(/^\/v1\/allocation\/([^/]+)$/)) && method === 'GET') {
+      const a = allocs.get(decodeURIComponent(m[1]!));
+      if (!a) return send(res, 404, 'alloc not found', queryHeaders(tableIndex.allocs));
+      return send(res, 200, a, queryHeaders(tableIndex.allocs));
+    }
+
+    if ((m = p.match(/^\/v1\/client\/allocation\/([^/]+)\/restart$/)) && (method === 'POST' || method === 'PUT')) {
+      const a = allocs.get(decodeURIComponent(m[1]!));
+      // Real Nomad forwards this to the client agent; an unknown alloc is a 404 "Unknown allocation".
+      if (!a) return send(res, 404, `Unknown allocation "${m[1]}"`);
+      let body: { TaskName?: string; AllTasks?: boolean };
+      try {
+        body = (await readBody(req)) as typeof body;
+      } catch {
+        return send(res, 400, 'Failed to decode request body');
+      }
+      const names = body.TaskName ? [body.TaskName] : Object.keys(a.TaskStates ?? {});
+      for (const n of names) {
+        if (!a.TaskStates?.[n]) return send(res, 500, `Unknown task: ${n}`);
+      }
+      if (a.ClientStatus !== 'running') return send(res, 500, 'Task not running');
+      write(['allocs'], (i) => {
+        for (const n of names) {
+          const st = a.TaskStates![n]!;
+          if (st.State !== 'running') continue;
+          st.Restarts++;
+          st.LastRestart = new Date().toISOString();
+          st.Events!.push({ Type: 'Restart Signaled', Time: Date.now() * 1e6, DisplayMessage: 'User requested restart', RestartReason: 'User requested restart' });
+          st.Events!.push({ Type: 'Restarting', Time: Date.now() * 1e6, DisplayMessage: 'Task restarting in 0s' });
+          st.Events!.push({ Type: 'Started', Time: Date.now() * 1e6, DisplayMessage: 'Task started by client' });
+        }
+        a.ModifyIndex = i;
+        return [allocEvent('AllocationUpdated', a, i)];
+      });
+      return send(res, 200, {});
+    }
+
+    if (method === 'GET' && p === '/v1/event/stream') {
+      const topics = u.searchParams.getAll('topic').map((s) => {
+        const i = s.indexOf(':');
+        return i < 0 ? { topic: s, key: '*' } : { topic: s.slice(0, i), key: s.slice(i + 1) || '*' };
+      });
+      if (topics.length === 0) topics.push({ topic: '*', key: '*' });
+      const from = Number(u.searchParams.get('index') ?? '0');
+      res.writeHead(200, { 'Content-Type': 'application/json' });
+      res.flushHeaders();
+      const s: Stream = {
+        res,
+        topics,
+        heartbeat: setInterval(() => res.write('{}\n'), heartbeatMs),
+      };
+      // Replay from the buffer like Nomad's EventBroker.Subscribe / eventBuffer.StartAtClosest
+      // (nomad/stream/event_buffer.go): index 0 or absent starts at the buffer's head (the
+      // oldest retained batch, so everything is replayed here since nothing is evicted);
+      // otherwise at the first batch with Index >= the requested one, and if the requested
+      // index is past the newest batch, at the newest batch (which is then re-sent).
+      const last = eventLog.at(-1);
+      if (from > 0 && last && from > last.Index) sendBatch(s, last);
+      else for (const b of eventLog) if (b.Index >= from) sendBatch(s, b);
+      streams.add(s);
+      const cleanup = (): void => {
+        clearInterval(s.heartbeat);
+        streams.delete(s);
+      };
+      res.on('close', cleanup);
+      return;
+    }
+
+    return send(res, 404, `Invalid method or path: ${method} ${p}`);
+  }
+
+  const server = http.createServer((req, res) => {
+    handle(req, res).catch((e: unknown) => {
+      if (!res.headersSent) send(res, 500, String(e));
+      else res.destroy();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+
+  let closed = false;
+  const fake: FakeNomad = {
+    address: `http://127.0.0.1:${port}`,
+    requests: [],
+    delayMs: 0,
+    get index() {
+      return index;
+    },
+    get openStreams() {
+      return streams.size;
+    },
+    failNext(status: number, count = 1) {
+      fail = { status, count };
+    },
+    dropStreams() {
+      for (const s of [...streams]) {
+        clearInterval(s.heartbeat);
+        streams.delete(s);
+        s.res.socket?.destroy();
+      }
+    },
+    async close() {
+      if (closed) return;
+      closed = true;
+      for (const tm of timers) clearTimeout(tm);
+      timers.clear();
+      for (const w of [...waiters]) w();
+      fake.dropStreams();
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+  t.teardown(() => fake.close());
+  return fake;
+}
