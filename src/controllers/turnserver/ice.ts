@@ -3,6 +3,8 @@ import type { Store } from '../../state/store.js';
 import type { StoredResource } from '../../state/types.js';
 import { readSecretFile, turnServerDesired } from './types.js';
 
+const KIND_TURN = 'TurnServer';
+
 /** One entry of a browser's RTCConfiguration.iceServers. */
 export interface IceServer {
   urls: string[];
@@ -72,4 +74,3 @@ export function iceServersFor(store: Store, userId: string, now = Date.now()): I
   };
 }
 
-const KIND_TURN = 'TurnServer';
