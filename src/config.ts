@@ -27,9 +27,24 @@ export interface Config {
   docker: { socket: string; network: string };
   process: { runDir: string };
   warmPools: { parallelism: number; claimHistory: number };
+  nomad: NomadSettings;
 }
 
-type Kind = 'path' | 'string' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool';
+export interface NomadSettings {
+  /** Unset: the nomad engine is not configured, and pools with `engine: nomad` say so. */
+  address: string | undefined;
+  tokenFile: string | undefined;
+  namespace: string | undefined;
+  region: string | undefined;
+  datacenters: string[];
+  caFile: string | undefined;
+  certFile: string | undefined;
+  keyFile: string | undefined;
+  serverName: string | undefined;
+  startTimeoutMs: number;
+}
+
+type Kind = 'path' | 'string' | 'url' | 'list' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool';
 
 interface Setting {
   /** Dotted key in the YAML file. */
@@ -61,6 +76,16 @@ export const SETTINGS: readonly Setting[] = [
   { key: 'docker.network', env: 'POLYDEV_DOCKER_NETWORK', kind: 'string', default: 'bridge', help: 'Docker network warm containers join; their address on it is what a claim returns (`none`: no network, the address is `container:NAME`).' },
   { key: 'process.runDir', env: 'POLYDEV_PROCESS_RUN_DIR', kind: 'path', default: '/dev/shm/polydev-process', help: 'Engine process (development): where each process gets its private directory for injected credentials (a tmpfs by default).' },
   { key: 'warmPools.parallelism', env: 'POLYDEV_WARM_POOL_PARALLELISM', kind: 'int', default: '8', help: 'Container starts and removals in flight at once per pool.' },
+  { key: 'nomad.address', env: 'POLYDEV_NOMAD_ADDRESS', kind: 'url', default: undefined, help: 'HTTP API of a Nomad cluster (`http://…:4646` or `https://…`) for WarmPools with engine nomad. Unset: the nomad engine is off and such pools report EngineUnavailable.' },
+  { key: 'nomad.tokenFile', env: 'POLYDEV_NOMAD_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the Nomad ACL token (sent as X-Nomad-Token, never logged). Needs submit-job, read-job, list-jobs and alloc-exec in the namespace (alloc-lifecycle for TurnServer remediation).' },
+  { key: 'nomad.namespace', env: 'POLYDEV_NOMAD_NAMESPACE', kind: 'string', default: undefined, help: 'Nomad namespace of the jobs. Unset: Nomad\'s `default`.' },
+  { key: 'nomad.region', env: 'POLYDEV_NOMAD_REGION', kind: 'string', default: undefined, help: 'Nomad region to address. Unset: the agent\'s own.' },
+  { key: 'nomad.datacenters', env: 'POLYDEV_NOMAD_DATACENTERS', kind: 'list', default: '*', help: 'Comma-separated datacenters of rendered jobs (`*`: all, Nomad 1.6+).' },
+  { key: 'nomad.caFile', env: 'POLYDEV_NOMAD_CA_FILE', kind: 'path', default: undefined, help: 'CA bundle that signs the Nomad API\'s certificate (https addresses).' },
+  { key: 'nomad.certFile', env: 'POLYDEV_NOMAD_CERT_FILE', kind: 'path', default: undefined, help: 'Client certificate for Nomad mTLS (with nomad.keyFile).' },
+  { key: 'nomad.keyFile', env: 'POLYDEV_NOMAD_KEY_FILE', kind: 'path', default: undefined, help: 'Private key of nomad.certFile.' },
+  { key: 'nomad.serverName', env: 'POLYDEV_NOMAD_SERVER_NAME', kind: 'string', default: undefined, help: 'TLS server name to verify instead of the address\'s host (Nomad\'s own certificates name `server.<region>.nomad`).' },
+  { key: 'nomad.startTimeout', env: 'POLYDEV_NOMAD_START_TIMEOUT', kind: 'duration', default: '120s', help: 'How long a container start waits for its allocation to run (placement and image pull) before it is deregistered and reported as AllocationFailed.' },
   { key: 'warmPools.claimHistory', env: 'POLYDEV_CLAIM_HISTORY', kind: 'int', default: '10000', help: 'Ended claims kept in the store (for `get claims` and pool stats); open claims are always kept.' },
 ];
 
@@ -86,6 +111,21 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
       if (s.key === 'iptables.netns' && !NETNS_NAME.test(text)) return fail('must be a namespace name of [A-Za-z0-9_.-], at most 32');
       if (s.key === 'docker.network' && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(text)) return fail('must be a Docker network name');
       return text;
+    case 'url': {
+      let u: URL;
+      try {
+        u = new URL(text);
+      } catch {
+        return fail(`must be a URL, got ${JSON.stringify(text)}`);
+      }
+      if (u.protocol !== 'http:' && u.protocol !== 'https:') return fail('must be an http:// or https:// URL');
+      return text.replace(/\/+$/, '');
+    }
+    case 'list': {
+      const items = text.split(',').map((x) => x.trim()).filter(Boolean);
+      if (items.length === 0) return fail('must name at least one item');
+      return items;
+    }
     case 'listen': {
       const m = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
       if (!m || Number(m[2]) > 65535) return fail(`must be HOST:PORT, got ${JSON.stringify(text)}`);
@@ -223,5 +263,17 @@ export function loadConfig(
     docker: { socket: get<string>('docker.socket'), network: get<string>('docker.network') },
     process: { runDir: get<string>('process.runDir') },
     warmPools: { parallelism: get<number>('warmPools.parallelism'), claimHistory: get<number>('warmPools.claimHistory') },
+    nomad: {
+      address: get<string | undefined>('nomad.address'),
+      tokenFile: get<string | undefined>('nomad.tokenFile'),
+      namespace: get<string | undefined>('nomad.namespace'),
+      region: get<string | undefined>('nomad.region'),
+      datacenters: get<string[]>('nomad.datacenters'),
+      caFile: get<string | undefined>('nomad.caFile'),
+      certFile: get<string | undefined>('nomad.certFile'),
+      keyFile: get<string | undefined>('nomad.keyFile'),
+      serverName: get<string | undefined>('nomad.serverName'),
+      startTimeoutMs: get<number>('nomad.startTimeout'),
+    },
   };
 }

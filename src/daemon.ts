@@ -102,6 +102,7 @@ export class Daemon {
       logger,
       docker: config.docker,
       process: config.process,
+      nomad: config.nomad,
       warmPools: { ...config.warmPools, orphanSweepMs: config.resyncIntervalMs },
       ...(this.options.engines ? { engines: this.options.engines } : {}),
     });

@@ -109,6 +109,9 @@ test('every setting has an environment variable that works', (t) => {
     shutdownTimeout: '1s', onceTimeout: '1h', 'iptables.backend': 'legacy', 'iptables.netns': 'ns1', 'iptables.createNetns': 'true',
     'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'warmPools.parallelism': '3',
     'warmPools.claimHistory': '50',
+    'nomad.address': 'https://nomad.example:4646/', 'nomad.tokenFile': '/etc/t', 'nomad.namespace': 'ns', 'nomad.region': 'eu',
+    'nomad.datacenters': 'dc1, dc2', 'nomad.caFile': '/ca', 'nomad.certFile': '/c', 'nomad.keyFile': '/k',
+    'nomad.serverName': 'server.global.nomad', 'nomad.startTimeout': '5s',
   };
   const env: Record<string, string> = {};
   for (const s of SETTINGS) {
@@ -125,6 +128,12 @@ test('every setting has an environment variable that works', (t) => {
   t.deepEqual(cfg.docker, { socket: '/run/d.sock', network: 'none' });
   t.deepEqual(cfg.process, { runDir: '/dev/shm/x' });
   t.deepEqual(cfg.warmPools, { parallelism: 3, claimHistory: 50 });
+  t.deepEqual(cfg.nomad, {
+    address: 'https://nomad.example:4646', tokenFile: '/etc/t', namespace: 'ns', region: 'eu', datacenters: ['dc1', 'dc2'],
+    caFile: '/ca', certFile: '/c', keyFile: '/k', serverName: 'server.global.nomad', startTimeoutMs: 5000,
+  });
+  t.true(configError(() => loadConfig(undefined, { POLYDEV_NOMAD_ADDRESS: 'nomad:4646' })).includes('nomad.address: must be'));
+  t.true(configError(() => loadConfig(undefined, { POLYDEV_NOMAD_DATACENTERS: ' , ' })).includes('nomad.datacenters: must name at least one'));
 });
 
 test('an unknown key is an error naming file:line:col and the key', (t) => {

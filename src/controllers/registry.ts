@@ -1,4 +1,8 @@
+import fs from 'node:fs';
+import type { NomadSettings } from '../config.js';
 import { DockerEngine } from '../drivers/docker.js';
+import { NomadClient, type NomadClientOptions } from '../drivers/nomad.js';
+import { NomadEngine } from '../drivers/nomad-engine.js';
 import type { IptablesDriver } from '../drivers/iptables.js';
 import { ProcessEngine } from '../drivers/process.js';
 import type { Admission } from '../desired/apply.js';
@@ -46,16 +50,45 @@ export interface ControllerDeps {
   logger: Logger;
   docker: { socket: string; network: string };
   process: { runDir: string };
+  nomad?: NomadSettings;
   warmPools: { parallelism: number; claimHistory: number; orphanSweepMs: number };
   /** Replaces the engines built from the settings above (tests). */
   engines?: EngineFactories;
 }
 
-export function engineFactories(deps: Pick<ControllerDeps, 'docker' | 'process'>): EngineFactories {
-  return {
+export function engineFactories(deps: Pick<ControllerDeps, 'docker' | 'process' | 'nomad'>): EngineFactories {
+  const factories: EngineFactories = {
     docker: () => new DockerEngine({ socketPath: deps.docker.socket, network: deps.docker.network }),
     process: () => new ProcessEngine({ runDir: deps.process.runDir }),
   };
+  const nomad = deps.nomad;
+  if (nomad?.address) {
+    factories.nomad = () => new NomadEngine({ client: nomadClient(nomad), datacenters: nomad.datacenters, startTimeoutMs: nomad.startTimeoutMs });
+  }
+  return factories;
+}
+
+/** A Nomad API client from the settings; the token and TLS files are read here, when first needed. */
+export function nomadClient(settings: NomadSettings): NomadClient {
+  if (!settings.address) throw new Error('nomad.address is not set');
+  const read = (file: string, what: string): Buffer => {
+    try {
+      return fs.readFileSync(file);
+    } catch (err) {
+      throw new Error(`nomad.${what}: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+  };
+  const opts: NomadClientOptions = { address: settings.address };
+  if (settings.tokenFile) opts.token = read(settings.tokenFile, 'tokenFile').toString('utf8').trim();
+  if (settings.namespace) opts.namespace = settings.namespace;
+  if (settings.region) opts.region = settings.region;
+  const tls: NonNullable<NomadClientOptions['tls']> = {};
+  if (settings.caFile) tls.ca = read(settings.caFile, 'caFile');
+  if (settings.certFile) tls.cert = read(settings.certFile, 'certFile');
+  if (settings.keyFile) tls.key = read(settings.keyFile, 'keyFile');
+  if (settings.serverName) tls.serverName = settings.serverName;
+  if (Object.keys(tls).length) opts.tls = tls;
+  return new NomadClient(opts);
 }
 
 export function createControllers(deps: ControllerDeps): {

@@ -28,6 +28,7 @@ export const CEL_RULES: Record<string, (self: unknown) => boolean> = {
   "!has(self.engine) || self.engine != 'process' || (has(self.command) && size(self.command) > 0)": (s) =>
     get(s, 'engine') !== 'process' || (Array.isArray(get(s, 'command')) && (get(s, 'command') as unknown[]).length > 0),
   'self.maxSize >= self.size': (s) => Number(get(s, 'maxSize')) >= Number(get(s, 'size')),
+  "!has(self.idleResources) || !has(self.engine) || self.engine != 'nomad'": (s) => !has(s, 'idleResources') || get(s, 'engine') !== 'nomad',
   '!has(self.memoryMaxMB) || !has(self.memoryMB) || self.memoryMaxMB >= self.memoryMB': (s) =>
     !has(s, 'memoryMaxMB') || !has(s, 'memoryMB') || Number(get(s, 'memoryMaxMB')) >= Number(get(s, 'memoryMB')),
 };

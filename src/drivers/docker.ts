@@ -642,9 +642,9 @@ export function injectedFilePath(rel: string): string {
   return `${SECRETS_DIR}/files/${rel}`;
 }
 
-const WRITE_FILE_SCRIPT = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1"';
+export const WRITE_FILE_SCRIPT = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1"';
 // `.[!.]*` misses names starting with two dots (`..x`); `..?*` catches those.
-const RECYCLE_SCRIPT = 'rm -rf /run/polydev/* "$1"/* "$1"/.[!.]* "$1"/..?* 2>/dev/null; true';
+export const RECYCLE_SCRIPT = 'rm -rf /run/polydev/* "$1"/* "$1"/.[!.]* "$1"/..?* 2>/dev/null; true';
 
 // ---------------------------------------------------------------------------------------
 // Events.

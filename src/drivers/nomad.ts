@@ -8,6 +8,7 @@
 
 import http from 'node:http';
 import https from 'node:https';
+import WebSocket from 'ws';
 
 // ---------------------------------------------------------------------------
 // Types (PascalCase, as Nomad sends them). Only fields we use or that are
@@ -260,6 +261,24 @@ export interface BlockingOptions {
 export interface ListJobsOptions extends BlockingOptions {
   /** Page size sent as per_page; pages are followed until exhausted. */
   perPage?: number;
+  /** Ask for each job's Meta in the stubs (`meta=true`, Nomad 1.6+). */
+  meta?: boolean;
+}
+
+export interface ExecOptions {
+  task: string;
+  /** Written to the command's stdin, which is then closed. */
+  stdin?: string | Buffer;
+  /** Default 30 000 ms. */
+  timeoutMs?: number;
+  /** stdout/stderr kept per stream (default 64 KiB); the rest is dropped. */
+  maxOutputBytes?: number;
+}
+
+export interface ExecResult {
+  exitCode: number;
+  stdout: Buffer;
+  stderr: Buffer;
 }
 
 export interface EventStreamOptions {
@@ -398,6 +417,7 @@ export class NomadClient {
     for (;;) {
       const query: Array<[string, string]> = [];
       if (prefix) query.push(['prefix', prefix]);
+      if (opts.meta) query.push(['meta', 'true']);
       if (opts.perPage !== undefined) query.push(['per_page', String(opts.perPage)]);
       if (nextToken) query.push(['next_token', nextToken]);
       const spec: RequestSpec = { method: 'GET', path: '/v1/jobs', query };
@@ -456,6 +476,87 @@ export class NomadClient {
   async readAllocation(allocId: string): Promise<NomadAllocation> {
     const { data } = await this.call<NomadAllocation>({ method: 'GET', path: `/v1/allocation/${encodeURIComponent(allocId)}` });
     return data;
+  }
+
+  /**
+   * Runs a command in a running allocation's task (`/v1/client/allocation/:id/exec`, a WebSocket:
+   * JSON frames, byte fields base64; stdin frames in, stdout/stderr frames and a final
+   * `{exited, result: {exit_code}}` out). The command is an argv array, never a shell string.
+   * Not retried: a command may have side effects.
+   */
+  execAllocation(allocId: string, command: string[], opts: ExecOptions): Promise<ExecResult> {
+    const url = new URL(`/v1/client/allocation/${encodeURIComponent(allocId)}/exec`, this.base);
+    if (this.base.pathname !== '/' && this.base.pathname !== '') {
+      url.pathname = this.base.pathname.replace(/\/$/, '') + url.pathname;
+    }
+    url.protocol = this.isHttps ? 'wss:' : 'ws:';
+    url.searchParams.set('task', opts.task);
+    url.searchParams.set('tty', 'false');
+    url.searchParams.set('command', JSON.stringify(command));
+    if (this.namespace) url.searchParams.set('namespace', this.namespace);
+    if (this.region) url.searchParams.set('region', this.region);
+    const headers: Record<string, string> = {};
+    if (this.token) headers['X-Nomad-Token'] = this.token;
+    const timeoutMs = opts.timeoutMs ?? 30_000;
+    const limit = opts.maxOutputBytes ?? 64 * 1024;
+    const what = `exec in allocation ${allocId}`;
+    return new Promise<ExecResult>((resolve, reject) => {
+      const ws = new WebSocket(url, { headers, agent: this.agent, handshakeTimeout: timeoutMs });
+      const out: Buffer[] = [];
+      const err: Buffer[] = [];
+      const size = { out: 0, err: 0 };
+      let settled = false;
+      const finish = (e: Error | undefined, r?: ExecResult): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        ws.removeAllListeners('close');
+        if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.terminate();
+        if (e) reject(e);
+        else resolve(r!);
+      };
+      const timer = setTimeout(() => finish(new NomadError('Timeout', `${what}: no result within ${timeoutMs} ms`)), timeoutMs);
+      const keep = (into: Buffer[], key: 'out' | 'err', b64: unknown): void => {
+        if (typeof b64 !== 'string' || size[key] >= limit) return;
+        const chunk = Buffer.from(b64, 'base64').subarray(0, limit - size[key]);
+        size[key] += chunk.length;
+        into.push(chunk);
+      };
+      ws.on('unexpected-response', (_req, res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (body += c));
+        res.on('end', () => finish(this.httpError(`GET /v1/client/allocation/${allocId}/exec`, res.statusCode ?? 0, body)));
+      });
+      ws.on('error', (e: NodeJS.ErrnoException) => finish(this.netError(e, what)));
+      ws.on('open', () => {
+        if (opts.stdin !== undefined && opts.stdin.length > 0) {
+          const data = Buffer.isBuffer(opts.stdin) ? opts.stdin : Buffer.from(opts.stdin, 'utf8');
+          // Frames of at most 64 KiB of payload, like the Nomad CLI sends.
+          for (let i = 0; i < data.length; i += 65536) {
+            ws.send(JSON.stringify({ stdin: { data: data.subarray(i, i + 65536).toString('base64') } }));
+          }
+        }
+        ws.send(JSON.stringify({ stdin: { close: true } }));
+      });
+      ws.on('message', (raw: WebSocket.RawData) => {
+        let frame: { stdout?: { data?: unknown }; stderr?: { data?: unknown }; exited?: unknown; result?: { exit_code?: unknown } };
+        try {
+          frame = JSON.parse(raw.toString()) as typeof frame;
+        } catch {
+          return finish(new NomadError('Malformed', `${what}: a frame is not JSON`));
+        }
+        if (frame.stdout) keep(out, 'out', frame.stdout.data);
+        if (frame.stderr) keep(err, 'err', frame.stderr.data);
+        if (frame.exited) {
+          const code = frame.result?.exit_code;
+          finish(undefined, { exitCode: typeof code === 'number' ? code : 0, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
+        }
+      });
+      ws.on('close', (code: number, reason: Buffer) =>
+        finish(new NomadError('Unavailable', `${what}: connection closed before the command exited (${code}${reason.length ? ` ${this.scrub(reason.toString())}` : ''})`)),
+      );
+    });
   }
 
   // ---- event stream ---------------------------------------------------------

@@ -147,6 +147,15 @@ CREATE INDEX claims_open_by_expiry ON claims (expires_at) WHERE state IN ('pendi
 CREATE INDEX claims_by_pool ON claims (pool, created_at);
 `,
   },
+  {
+    version: 3,
+    name: 'ports of warm containers and claims',
+    sql: `
+-- Port name → port (JSON object) where the engine maps ports (Nomad dynamic ports).
+ALTER TABLE pool_members ADD COLUMN ports TEXT;
+ALTER TABLE claims ADD COLUMN ports TEXT;
+`,
+  },
 ];
 
 export function migrate(db: Database.Database): number {

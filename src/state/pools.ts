@@ -14,6 +14,8 @@ export interface PoolMember {
   containerId: string | null;
   name: string;
   address: string | null;
+  /** Port name → port on address (Nomad's dynamic ports); null or absent when the engine maps none. */
+  ports?: Record<string, number> | null;
   specHash: string;
   state: MemberState;
   claimId: string | null;
@@ -34,6 +36,7 @@ export interface ClaimRecord {
   containerId: string | null;
   containerName: string | null;
   address: string | null;
+  ports?: Record<string, number> | null;
   warm: boolean;
   state: ClaimState;
   /** Why it ended (or failed). */
@@ -52,6 +55,7 @@ interface MemberRow {
   container_id: string | null;
   name: string;
   address: string | null;
+  ports: string | null;
   spec_hash: string;
   state: MemberState;
   claim_id: string | null;
@@ -67,6 +71,7 @@ interface ClaimRow {
   container_id: string | null;
   container_name: string | null;
   address: string | null;
+  ports: string | null;
   warm: number;
   state: ClaimState;
   reason: string | null;
@@ -77,6 +82,19 @@ interface ClaimRow {
   latency_ms: number | null;
 }
 
+function parsePorts(text: string | null): Record<string, number> | null {
+  if (!text) return null;
+  try {
+    const v = JSON.parse(text) as unknown;
+    return v && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, number>) : null;
+  } catch {
+    return null;
+  }
+}
+
+const portsText = (ports: Record<string, number> | null | undefined): string | null =>
+  ports && Object.keys(ports).length ? JSON.stringify(ports) : null;
+
 const toMember = (r: MemberRow): PoolMember => ({
   slot: r.slot,
   pool: r.pool,
@@ -84,6 +102,7 @@ const toMember = (r: MemberRow): PoolMember => ({
   containerId: r.container_id,
   name: r.name,
   address: r.address,
+  ports: parsePorts(r.ports),
   specHash: r.spec_hash,
   state: r.state,
   claimId: r.claim_id,
@@ -99,6 +118,7 @@ const toClaim = (r: ClaimRow): ClaimRecord => ({
   containerId: r.container_id,
   containerName: r.container_name,
   address: r.address,
+  ports: parsePorts(r.ports),
   warm: r.warm === 1,
   state: r.state,
   reason: r.reason,
@@ -174,17 +194,17 @@ export function reserveSlots(store: Store, pool: string, maxSize: number, wanted
 export function recordStarted(
   store: Store,
   slot: string,
-  c: { id: string; address: string; ready: boolean },
+  c: { id: string; address: string; ports?: Record<string, number> | undefined; ready: boolean },
   now: number,
 ): boolean {
   const info = store
     .stmt(
-      `UPDATE pool_members SET container_id = ?, address = ?,
+      `UPDATE pool_members SET container_id = ?, address = ?, ports = ?,
          state = CASE WHEN state = 'starting' AND ? THEN 'warm' ELSE state END,
          ready_at = CASE WHEN state = 'starting' AND ? THEN ? ELSE ready_at END
        WHERE slot = ?`,
     )
-    .run(c.id, c.address, c.ready ? 1 : 0, c.ready ? 1 : 0, now, slot);
+    .run(c.id, c.address, portsText(c.ports), c.ready ? 1 : 0, c.ready ? 1 : 0, now, slot);
   return info.changes === 1;
 }
 
@@ -192,12 +212,12 @@ export function recordStarted(
 export function adoptMember(store: Store, m: PoolMember): void {
   store
     .stmt(
-      `INSERT INTO pool_members (slot, pool, engine, container_id, name, address, spec_hash, state, claim_id, created_at, ready_at)
-       VALUES (@slot, @pool, @engine, @containerId, @name, @address, @specHash, @state, @claimId, @createdAt, @readyAt)
-       ON CONFLICT (slot) DO UPDATE SET container_id = excluded.container_id, address = excluded.address,
+      `INSERT INTO pool_members (slot, pool, engine, container_id, name, address, ports, spec_hash, state, claim_id, created_at, ready_at)
+       VALUES (@slot, @pool, @engine, @containerId, @name, @address, @ports, @specHash, @state, @claimId, @createdAt, @readyAt)
+       ON CONFLICT (slot) DO UPDATE SET container_id = excluded.container_id, address = excluded.address, ports = excluded.ports,
          state = excluded.state, ready_at = excluded.ready_at`,
     )
-    .run(m);
+    .run({ ...m, ports: portsText(m.ports) });
 }
 
 export function forgetMember(store: Store, slot: string): void {
@@ -205,10 +225,10 @@ export function forgetMember(store: Store, slot: string): void {
 }
 
 /** A recycled container is warm again, with no claim. */
-export function recordRecycled(store: Store, slot: string, c: { id: string; address: string }, now: number): void {
+export function recordRecycled(store: Store, slot: string, c: { id: string; address: string; ports?: Record<string, number> | undefined }, now: number): void {
   store
-    .stmt(`UPDATE pool_members SET container_id = ?, address = ?, state = 'warm', claim_id = NULL, ready_at = ? WHERE slot = ?`)
-    .run(c.id, c.address, now, slot);
+    .stmt(`UPDATE pool_members SET container_id = ?, address = ?, ports = ?, state = 'warm', claim_id = NULL, ready_at = ? WHERE slot = ?`)
+    .run(c.id, c.address, portsText(c.ports), now, slot);
 }
 
 /** Takes a warm member out of rotation at once (its container died): no claim may get it. */
@@ -259,10 +279,10 @@ export function claimContainer(store: Store, req: ClaimRequest): ClaimOutcome {
     store.stmt(`UPDATE pool_members SET state = 'claimed', claim_id = ? WHERE slot = ?`).run(req.id, warm.slot);
     store
       .stmt(
-        `INSERT INTO claims (id, pool, user_id, slot, container_id, container_name, address, warm, state, created_at, bound_at, expires_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'bound', ?, ?, ?)`,
+        `INSERT INTO claims (id, pool, user_id, slot, container_id, container_name, address, ports, warm, state, created_at, bound_at, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, 'bound', ?, ?, ?)`,
       )
-      .run(req.id, req.pool, req.userId, warm.slot, warm.container_id, warm.name, warm.address, req.now, req.now, req.expiresAt);
+      .run(req.id, req.pool, req.userId, warm.slot, warm.container_id, warm.name, warm.address, warm.ports, req.now, req.now, req.expiresAt);
     // The rows just written, without reading them back (this is the hot path of every claim).
     const claim: ClaimRecord = {
       id: req.id,
@@ -272,6 +292,7 @@ export function claimContainer(store: Store, req: ClaimRequest): ClaimOutcome {
       containerId: warm.container_id,
       containerName: warm.name,
       address: warm.address,
+      ports: parsePorts(warm.ports),
       warm: true,
       state: 'bound',
       reason: null,
@@ -301,14 +322,15 @@ export function claimContainer(store: Store, req: ClaimRequest): ClaimOutcome {
 }
 
 /** Binds a cold-started container to its pending claim; false when the claim ended meanwhile. */
-export function bindColdClaim(store: Store, claimId: string, c: { id: string; address: string }, now: number): boolean {
+export function bindColdClaim(store: Store, claimId: string, c: { id: string; address: string; ports?: Record<string, number> | undefined }, now: number): boolean {
+  const ports = portsText(c.ports);
   const info = store
-    .stmt(`UPDATE claims SET container_id = ?, address = ?, state = 'bound', bound_at = ? WHERE id = ? AND state = 'pending'`)
-    .run(c.id, c.address, now, claimId);
+    .stmt(`UPDATE claims SET container_id = ?, address = ?, ports = ?, state = 'bound', bound_at = ? WHERE id = ? AND state = 'pending'`)
+    .run(c.id, c.address, ports, now, claimId);
   const bound = info.changes === 1;
   store
-    .stmt(`UPDATE pool_members SET container_id = ?, address = ?, state = ?, ready_at = ? WHERE claim_id = ? AND state = 'starting'`)
-    .run(c.id, c.address, bound ? 'claimed' : 'releasing', now, claimId);
+    .stmt(`UPDATE pool_members SET container_id = ?, address = ?, ports = ?, state = ?, ready_at = ? WHERE claim_id = ? AND state = 'starting'`)
+    .run(c.id, c.address, ports, bound ? 'claimed' : 'releasing', now, claimId);
   return bound;
 }
 

@@ -25,7 +25,7 @@ export const TEST_LABEL = 'polydev.test/created-by';
 /** Applets linked into the test image's /bin. */
 export const BUSYBOX_APPLETS = [
   'sh', 'sleep', 'cat', 'head', 'mkdir', 'dirname', 'rm', 'ls', 'tar', 'true', 'false', 'env', 'id', 'echo',
-  'stat', 'chmod', 'kill', 'wc', 'test', 'touch', 'printf', 'mount', 'grep', 'find',
+  'stat', 'chmod', 'kill', 'wc', 'test', 'touch', 'printf', 'mount', 'grep', 'find', 'httpd',
 ];
 
 const STARTUP_TIMEOUT_MS = 30_000;

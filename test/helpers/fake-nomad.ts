@@ -7,15 +7,31 @@
 // indices ("jobs", "allocs") drive X-Nomad-Index and blocking queries like
 // Nomad's state store does.
 //
+// With `docker`, the fake's "client" runs every docker-driver task as a real
+// container on the given dockerd (image, entrypoint, args, env, labels, tmpfs
+// mounts; host networking, with NOMAD_PORT_<label> / NOMAD_ADDR_<label> set as
+// Nomad sets them), so claims through the nomad engine reach a real container:
+// a container that exits fails (exit code ≠ 0) or completes its allocation,
+// deregistering removes it, an allocation restart restarts it, and the
+// allocation exec WebSocket (/v1/client/allocation/:id/exec) runs a docker exec.
+// Without `docker` allocations are only records that turn "running".
+// Tasks asking for devices (e.g. nvidia/gpu) are placed only while `devices`
+// has enough of that name; otherwise no allocation is made and the job stays
+// pending, as a blocked evaluation leaves it in Nomad.
+//
 // Deliberately NOT implemented: evaluations/deployments/reschedules, multiple
 // namespaces or regions (the query parameters are accepted and ignored), ACL
 // policies (a single management token), job versions history, summaries,
-// filter expressions, gzip, the event stream's buffer eviction.
+// filter expressions, gzip, the event stream's buffer eviction, TTY exec.
 
 import http from 'node:http';
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { ExecutionContext } from 'ava';
+import { WebSocketServer, type WebSocket } from 'ws';
+
+import { query, type DockerClient } from '../../src/drivers/docker.js';
 
 import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
 
@@ -25,7 +41,14 @@ export interface FakeNomadOptions {
   failImages?: string[];
   /** Delay before allocations leave "pending" (default 20 ms). */
   placeMs?: number;
+  /** Run docker-driver tasks as real containers on this dockerd. */
+  docker?: DockerClient;
+  /** Devices the one node has, by name (e.g. {'nvidia/gpu': 1}); default none. */
+  devices?: Record<string, number>;
 }
+
+/** Label on every container the fake starts (value: the fake's id), for cleanup. */
+export const FAKE_NOMAD_LABEL = 'polydev.test/fake-nomad';
 
 export interface FakeNomad {
   address: string;
@@ -38,6 +61,8 @@ export interface FakeNomad {
   failNext(status: number, count?: number): void;
   dropStreams(): void;
   readonly openStreams: number;
+  /** Docker container id of a running allocation's task (docker mode). */
+  containerOf(allocId: string, task?: string): string | undefined;
   close(): Promise<void>;
 }
 
@@ -74,7 +99,14 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   const streams = new Set<Stream>();
   const timers = new Set<NodeJS.Timeout>();
   let fail: { status: number; count: number } | undefined;
-  let nextPort = 20000;
+  // Host networking in docker mode: start somewhere random below the ephemeral range so test
+  // files running at once rarely meet.
+  let nextPort = 21000 + Math.floor(Math.random() * 100) * 100;
+  const fakeId = randomUUID().slice(0, 8);
+  const docker = opts.docker;
+  const devicesFree = new Map(Object.entries(opts.devices ?? {}));
+  /** allocId → task → container id. */
+  const containers = new Map<string, Map<string, string>>();
 
   /** Apply one write at a new index and publish its events. */
   function write(tables: Array<'jobs' | 'allocs'>, fn: (idx: number) => NomadEvent[]): number {
@@ -122,8 +154,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     Payload: { Allocation: structuredClone(a) },
   });
 
-  function stub(j: NomadJob): NomadJobStub {
-    return {
+  function stub(j: NomadJob, withMeta: boolean): NomadJobStub {
+    const out: NomadJobStub = {
       ID: j.ID,
       ParentID: '',
       Name: j.Name ?? j.ID,
@@ -138,8 +170,10 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       ModifyIndex: j.ModifyIndex ?? 0,
       JobModifyIndex: j.JobModifyIndex ?? 0,
       SubmitTime: j.SubmitTime ?? 0,
-      Meta: j.Meta ?? null,
     };
+    // Nomad 1.6+ adds Meta to the stubs only when asked (?meta=true).
+    if (withMeta) out.Meta = j.Meta ?? null;
+    return out;
   }
 
   function allocStub(a: NomadAllocation): Omit<NomadAllocation, 'Job' | 'AllocatedResources' | 'Resources' | 'TaskResources'> {
@@ -168,11 +202,27 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     return { State: state, Failed: failed, Restarts: 0, LastRestart: null, StartedAt: null, FinishedAt: null, Events: events };
   }
 
+  /** Takes the devices a group needs from the node; false (nothing taken) when it has too few. */
+  function takeDevices(tg: NomadJob['TaskGroups'][number]): boolean {
+    const need = new Map<string, number>();
+    for (const t of tg.Tasks) for (const d of t.Resources?.Devices ?? []) need.set(d.Name, (need.get(d.Name) ?? 0) + (d.Count ?? 1));
+    for (const [name, n] of need) if ((devicesFree.get(name) ?? 0) < n) return false;
+    for (const [name, n] of need) devicesFree.set(name, devicesFree.get(name)! - n);
+    return true;
+  }
+
+  function releaseDevices(a: NomadAllocation): void {
+    const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
+    for (const t of tg?.Tasks ?? []) for (const d of t.Resources?.Devices ?? []) devicesFree.set(d.Name, (devicesFree.get(d.Name) ?? 0) + (d.Count ?? 1));
+  }
+
   function place(job: NomadJob, idx: number): NomadAllocation[] {
     const out: NomadAllocation[] = [];
     const nowNs = Date.now() * 1e6;
     for (const tg of job.TaskGroups ?? []) {
       for (let i = 0; i < (tg.Count ?? 1); i++) {
+        if (!takeDevices(tg)) break; // a blocked evaluation: no allocation
+
         const ports: Array<{ Label: string; Value: number; To: number; HostIP: string }> = [];
         const nets = (tg.Networks ?? []).map((n) => ({
           Mode: n.Mode ?? 'host',
@@ -239,44 +289,201 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   function startLater(jobId: string, allocIds: string[]): void {
     const tm = setTimeout(() => {
       timers.delete(tm);
-      write(['allocs', 'jobs'], (idx) => {
-        const evs: NomadEvent[] = [];
-        const nowNs = Date.now() * 1e6;
-        for (const id of allocIds) {
-          const a = allocs.get(id);
-          if (!a || a.DesiredStatus !== 'run' || a.ClientStatus !== 'pending') continue;
-          const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
-          let anyFailed = false;
-          for (const task of tg?.Tasks ?? []) {
-            const st = a.TaskStates![task.Name]!;
-            const image = task.Config?.image;
-            if (typeof image === 'string' && failImages.has(image)) {
-              anyFailed = true;
-              const why = `Failed to pull \`${image}\`: Error response from daemon: manifest for ${image} not found: manifest unknown`;
-              st.State = 'dead';
-              st.Failed = true;
-              st.FinishedAt = new Date().toISOString();
-              st.Events!.push({ Type: 'Driver Failure', Time: nowNs, DisplayMessage: why, DriverError: why, FailsTask: true });
-              st.Events!.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Error was unrecoverable', FailsTask: true });
-            } else {
-              st.State = 'running';
-              st.StartedAt = new Date().toISOString();
-              st.Events!.push({ Type: 'Started', Time: nowNs, DisplayMessage: 'Task started by client' });
-            }
-          }
-          a.ClientStatus = anyFailed ? 'failed' : 'running';
-          a.ClientDescription = anyFailed ? 'Failed tasks' : 'Tasks are running';
-          a.ModifyIndex = idx;
-          a.ModifyTime = nowNs;
-          evs.push(allocEvent('AllocationUpdated', a, idx));
-        }
-        const job = jobs.get(jobId);
-        if (job) refreshJobStatus(job, idx);
-        return evs;
-      });
+      const run = runAllocs(jobId, allocIds).catch(() => undefined);
+      pending.add(run);
+      void run.finally(() => pending.delete(run));
     }, placeMs);
     timers.add(tm);
   }
+
+  async function runAllocs(jobId: string, allocIds: string[]): Promise<void> {
+    // Docker mode: the containers first (outside the write), then one write with the outcomes.
+    const failures = new Map<string, Map<string, string>>();
+    if (docker) {
+      for (const id of allocIds) {
+        const a = allocs.get(id);
+        if (!a || a.DesiredStatus !== 'run' || a.ClientStatus !== 'pending') continue;
+        const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
+        const failed = new Map<string, string>();
+        for (const task of tg?.Tasks ?? []) {
+          if (task.Driver !== 'docker') continue;
+          try {
+            const cid = await runTask(a, task);
+            let per = containers.get(a.ID);
+            if (!per) containers.set(a.ID, (per = new Map()));
+            per.set(task.Name, cid);
+          } catch (err) {
+            failed.set(task.Name, (err as Error).message);
+          }
+        }
+        failures.set(id, failed);
+      }
+    }
+    if (closed) return;
+    const stopped: NomadAllocation[] = [];
+    write(['allocs', 'jobs'], (idx) => {
+      const evs: NomadEvent[] = [];
+      const nowNs = Date.now() * 1e6;
+      for (const id of allocIds) {
+        const a = allocs.get(id);
+        if (!a || a.ClientStatus !== 'pending') continue;
+        if (a.DesiredStatus !== 'run') {
+          stopped.push(a); // deregistered while its containers were starting
+          continue;
+        }
+        const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
+        let anyFailed = false;
+        for (const task of tg?.Tasks ?? []) {
+          const st = a.TaskStates![task.Name]!;
+          const image = task.Config?.image;
+          const dockerWhy = failures.get(id)?.get(task.Name);
+          const why =
+            dockerWhy ??
+            (typeof image === 'string' && failImages.has(image)
+              ? `Failed to pull \`${image}\`: Error response from daemon: manifest for ${image} not found: manifest unknown`
+              : undefined);
+          if (why !== undefined) {
+            anyFailed = true;
+            st.State = 'dead';
+            st.Failed = true;
+            st.FinishedAt = new Date().toISOString();
+            st.Events!.push({ Type: 'Driver Failure', Time: nowNs, DisplayMessage: why, DriverError: why, FailsTask: true });
+            st.Events!.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Error was unrecoverable', FailsTask: true });
+          } else {
+            st.State = 'running';
+            st.StartedAt = new Date().toISOString();
+            st.Events!.push({ Type: 'Started', Time: nowNs, DisplayMessage: 'Task started by client' });
+          }
+        }
+        a.ClientStatus = anyFailed ? 'failed' : 'running';
+        a.ClientDescription = anyFailed ? 'Failed tasks' : 'Tasks are running';
+        a.ModifyIndex = idx;
+        a.ModifyTime = nowNs;
+        if (anyFailed) stopped.push(a);
+        evs.push(allocEvent('AllocationUpdated', a, idx));
+      }
+      const job = jobs.get(jobId);
+      if (job) refreshJobStatus(job, idx);
+      return evs;
+    });
+    for (const a of stopped) void stopContainers(a);
+  }
+
+  // ---- docker mode ------------------------------------------------------------
+
+  /** Creates and starts one task's container the way Nomad's docker driver would; Nomad-like errors. */
+  async function runTask(a: NomadAllocation, task: NomadJob['TaskGroups'][number]['Tasks'][number]): Promise<string> {
+    const cfg = (task.Config ?? {}) as {
+      image?: string;
+      entrypoint?: string[];
+      args?: string[];
+      labels?: Record<string, string>;
+      mount?: Array<{ type?: string; target?: string; tmpfs_options?: { size?: number; mode?: number } }>;
+    };
+    const image = cfg.image ?? '';
+    const env: Record<string, string> = {
+      ...(task.Env ?? {}),
+      NOMAD_ALLOC_ID: a.ID,
+      NOMAD_JOB_ID: a.JobID,
+      NOMAD_GROUP_NAME: a.TaskGroup,
+      NOMAD_TASK_NAME: task.Name,
+    };
+    for (const p of a.AllocatedResources?.Shared?.Ports ?? []) {
+      env[`NOMAD_PORT_${p.Label}`] = String(p.Value);
+      env[`NOMAD_HOST_PORT_${p.Label}`] = String(p.Value);
+      env[`NOMAD_IP_${p.Label}`] = p.HostIP;
+      env[`NOMAD_ADDR_${p.Label}`] = `${p.HostIP}:${p.Value}`;
+    }
+    const tmpfs: Record<string, string> = {};
+    for (const m of cfg.mount ?? []) {
+      if (m.type !== 'tmpfs' || !m.target) continue;
+      const mode = (m.tmpfs_options?.mode ?? 0o755).toString(8).padStart(4, '0');
+      tmpfs[m.target] = `rw,nosuid,nodev${m.tmpfs_options?.size ? `,size=${m.tmpfs_options.size}` : ''},mode=${mode}`;
+    }
+    const body: Record<string, unknown> = {
+      Image: image,
+      Env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
+      Labels: { ...(cfg.labels ?? {}), [FAKE_NOMAD_LABEL]: fakeId, 'polydev.test/fake-nomad-alloc': a.ID },
+      // Host networking: the task listens on NOMAD_PORT_<label>, reachable at 127.0.0.1 like a Nomad node's address.
+      HostConfig: { NetworkMode: 'host', Tmpfs: tmpfs, RestartPolicy: { Name: 'no' } },
+    };
+    if (cfg.entrypoint?.length) body.Entrypoint = cfg.entrypoint;
+    if (cfg.args?.length) body.Cmd = cfg.args;
+    const name = `fake-nomad-${a.ID.slice(0, 8)}-${task.Name}`;
+    const created = await docker!.request('POST', `/containers/create${query({ name })}`, { json: body });
+    const message = (r: { json: unknown; text: string }): string =>
+      (r.json && typeof r.json === 'object' && typeof (r.json as { message?: unknown }).message === 'string' ? (r.json as { message: string }).message : r.text).trim();
+    if (created.status === 404) throw new Error(`Failed to pull \`${image}\`: Error response from daemon: ${message(created)}`);
+    if (created.status !== 201) throw new Error(`failed to create container: ${message(created)}`);
+    const id = (created.json as { Id: string }).Id;
+    const started = await docker!.request('POST', `/containers/${id}/start`);
+    if (started.status !== 204 && started.status !== 304) {
+      await docker!.request('DELETE', `/containers/${id}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+      throw new Error(`failed to start task: ${message(started)}`);
+    }
+    return id;
+  }
+
+  async function stopContainers(a: NomadAllocation): Promise<void> {
+    releaseDevices(a);
+    const per = containers.get(a.ID);
+    containers.delete(a.ID);
+    if (!docker || !per) return;
+    for (const cid of per.values()) await docker.request('DELETE', `/containers/${cid}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+  }
+
+  const restarting = new Set<string>();
+
+  /** Allocations whose container exited on its own: failed (exit ≠ 0) or complete, as Nomad's client reports. */
+  async function pollExits(): Promise<void> {
+    if (!docker || containers.size === 0) return;
+    const r = await docker.request('GET', `/containers/json${query({ all: 1, filters: { label: [`${FAKE_NOMAD_LABEL}=${fakeId}`] } })}`);
+    if (r.status !== 200 || !Array.isArray(r.json)) return;
+    const exited = new Map<string, number>();
+    for (const c of r.json as Array<{ Id: string; State: string; Status: string }>) {
+      if (c.State === 'exited' || c.State === 'dead') exited.set(c.Id, Number(/Exited \((-?\d+)\)/.exec(c.Status)?.[1] ?? '0'));
+    }
+    const ended: Array<{ a: NomadAllocation; task: string; code: number }> = [];
+    for (const [allocId, per] of containers) {
+      const a = allocs.get(allocId);
+      if (!a || a.ClientStatus !== 'running') continue;
+      for (const [task, cid] of per) if (exited.has(cid) && !restarting.has(cid)) ended.push({ a, task, code: exited.get(cid)! });
+    }
+    if (ended.length === 0 || closed) return;
+    write(['allocs', 'jobs'], (idx) => {
+      const evs: NomadEvent[] = [];
+      const nowNs = Date.now() * 1e6;
+      for (const { a, task, code } of ended) {
+        const st = a.TaskStates?.[task];
+        if (!st || st.State !== 'running') continue;
+        st.State = 'dead';
+        st.Failed = code !== 0;
+        st.FinishedAt = new Date().toISOString();
+        st.Events?.push({ Type: 'Terminated', Time: nowNs, DisplayMessage: `Exit Code: ${code}`, ExitCode: code });
+        if (code !== 0) st.Events?.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Policy allows no restarts', FailsTask: true });
+        a.ClientStatus = code !== 0 ? 'failed' : 'complete';
+        a.ClientDescription = code !== 0 ? 'Failed tasks' : 'All tasks have completed';
+        a.ModifyIndex = idx;
+        a.ModifyTime = nowNs;
+        evs.push(allocEvent('AllocationUpdated', a, idx));
+        const job = jobs.get(a.JobID);
+        if (job) refreshJobStatus(job, idx);
+      }
+      return evs;
+    });
+    for (const { a } of ended) void stopContainers(a);
+  }
+  const poller = docker
+    ? setInterval(() => {
+        if (polling) return;
+        polling = true;
+        void pollExits()
+          .catch(() => undefined)
+          .finally(() => (polling = false));
+      }, 200)
+    : undefined;
+  let polling = false;
+  const pending = new Set<Promise<unknown>>();
 
   // ---- HTTP -----------------------------------------------------------------
 
@@ -369,6 +576,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         }
       }
       let placed: NomadAllocation[] = [];
+      const replaced: NomadAllocation[] = [];
       const idx = write(['jobs', 'allocs'], (i) => {
         const evs: NomadEvent[] = [];
         const stored: NomadJob = structuredClone(job);
@@ -391,6 +599,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
             a.DesiredDescription = 'alloc is being updated due to job update';
             if (a.ClientStatus === 'pending' || a.ClientStatus === 'running') a.ClientStatus = 'complete';
             a.ModifyIndex = i;
+            replaced.push(a);
             evs.push(allocEvent('AllocationUpdateDesiredStatus', a, i));
           }
         }
@@ -398,6 +607,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         for (const a of placed) evs.push(allocEvent('PlanResult', a, i));
         return evs;
       });
+      for (const a of replaced) void stopContainers(a);
       startLater(job.ID, placed.map((a) => a.ID));
       return send(
         res,
@@ -421,7 +631,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         headers['X-Nomad-NextToken'] = list[perPage]!.ID;
         list = list.slice(0, perPage);
       }
-      return send(res, 200, list.map(stub), headers);
+      const withMeta = u.searchParams.get('meta') === 'true';
+      return send(res, 200, list.map((j) => stub(j, withMeta)), headers);
     }
 
     if ((m = p.match(/^\/v1\/job\/([^/]+)\/allocations$/)) && method === 'GET') {
@@ -441,6 +652,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       if (method === 'DELETE') {
         if (!job) return send(res, 404, 'job not found');
         const purge = u.searchParams.get('purge') === 'true';
+        const stopping: NomadAllocation[] = [];
         const idx = write(['jobs', 'allocs'], (i) => {
           const evs: NomadEvent[] = [];
           job.Stop = true;
@@ -460,12 +672,14 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
               }
             }
             a.ModifyIndex = i;
+            stopping.push(a);
             evs.push(allocEvent('AllocationUpdateDesiredStatus', a, i));
           }
           if (purge) jobs.delete(id);
           evs.push(jobEvent('JobDeregistered', job, i));
           return evs;
         });
+        for (const a of stopping) void stopContainers(a);
         return send(res, 200, { EvalID: randomUUID(), EvalCreateIndex: idx, JobModifyIndex: idx, Index: idx }, { 'X-Nomad-Index': String(idx) });
       }
     }
@@ -491,6 +705,20 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         if (!a.TaskStates?.[n]) return send(res, 500, `Unknown task: ${n}`);
       }
       if (a.ClientStatus !== 'running') return send(res, 500, 'Task not running');
+      const per = containers.get(a.ID);
+      if (docker && per) {
+        for (const n of names) {
+          const cid = per.get(n);
+          if (!cid) continue;
+          restarting.add(cid);
+          try {
+            const r = await docker.request('POST', `/containers/${cid}/restart${query({ t: 0 })}`);
+            if (r.status !== 204) return send(res, 500, `failed to restart task ${n}: ${r.text.trim()}`);
+          } finally {
+            restarting.delete(cid);
+          }
+        }
+      }
       write(['allocs'], (i) => {
         for (const n of names) {
           const st = a.TaskStates![n]!;
@@ -547,6 +775,57 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       else res.destroy();
     });
   });
+
+  // /v1/client/allocation/:id/exec: a WebSocket of JSON frames, byte fields base64 (Nomad's
+  // api/allocations_exec.go): stdin {data}/{close} in; stdout/stderr {data} and a final
+  // {exited: true, result: {exit_code}} out. Runs as a docker exec in the task's container.
+  const wss = new WebSocketServer({ noServer: true });
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    const u = new URL(req.url ?? '/', 'http://fake');
+    fake.requests.push({ method: 'GET', path: u.pathname, url: req.url ?? '/' });
+    const refuse = (status: number, text: string): void => {
+      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`);
+    };
+    const m = u.pathname.match(/^\/v1\/client\/allocation\/([^/]+)\/exec$/);
+    if (!m) return refuse(404, `Invalid method or path: GET ${u.pathname}`);
+    if (opts.token !== undefined && req.headers['x-nomad-token'] !== opts.token) return refuse(403, 'Permission denied');
+    const a = allocs.get(decodeURIComponent(m[1]!));
+    if (!a) return refuse(404, `Unknown allocation "${m[1]}"`);
+    const task = u.searchParams.get('task') ?? '';
+    let command: unknown;
+    try {
+      command = JSON.parse(u.searchParams.get('command') ?? '');
+    } catch {
+      return refuse(400, 'command is not a JSON array');
+    }
+    if (!Array.isArray(command) || command.length === 0 || !command.every((c) => typeof c === 'string')) return refuse(400, 'command is not a JSON array of strings');
+    const cid = containers.get(a.ID)?.get(task);
+    if (!a.TaskStates?.[task]) return refuse(400, `task ${JSON.stringify(task)} not found in allocation`);
+    if (a.ClientStatus !== 'running' || a.TaskStates[task]!.State !== 'running' || !docker || !cid) return refuse(500, 'task is not running');
+    wss.handleUpgrade(req, socket, head, (ws: WebSocket) => {
+      const stdin: Buffer[] = [];
+      ws.on('message', (raw) => {
+        let frame: { stdin?: { data?: string; close?: boolean } };
+        try {
+          frame = JSON.parse(raw.toString()) as typeof frame;
+        } catch {
+          ws.close(1003, 'frame is not JSON');
+          return;
+        }
+        if (frame.stdin?.data) stdin.push(Buffer.from(frame.stdin.data, 'base64'));
+        if (!frame.stdin?.close) return;
+        docker
+          .exec(cid, command as string[], { stdin: Buffer.concat(stdin), timeoutMs: 30_000 })
+          .then((r) => {
+            if (r.stdout.length) ws.send(JSON.stringify({ stdout: { data: r.stdout.toString('base64') } }));
+            if (r.stderr.length) ws.send(JSON.stringify({ stderr: { data: r.stderr.toString('base64') } }));
+            ws.send(JSON.stringify({ exited: true, result: { exit_code: r.exitCode } }));
+            ws.close(1000);
+          })
+          .catch((e: unknown) => ws.close(1011, String((e as Error).message).slice(0, 120)));
+      });
+    });
+  });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as AddressInfo).port;
 
@@ -564,6 +843,11 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     failNext(status: number, count = 1) {
       fail = { status, count };
     },
+    containerOf(allocId: string, task?: string) {
+      const per = containers.get(allocId);
+      if (!per) return undefined;
+      return task ? per.get(task) : per.values().next().value;
+    },
     dropStreams() {
       for (const s of [...streams]) {
         clearInterval(s.heartbeat);
@@ -576,10 +860,20 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       closed = true;
       for (const tm of timers) clearTimeout(tm);
       timers.clear();
+      if (poller) clearInterval(poller);
       for (const w of [...waiters]) w();
       fake.dropStreams();
+      for (const c of wss.clients) c.terminate();
+      wss.close();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
+      await Promise.allSettled([...pending]);
+      if (docker) {
+        const r = await docker.request('GET', `/containers/json${query({ all: 1, filters: { label: [`${FAKE_NOMAD_LABEL}=${fakeId}`] } })}`).catch(() => undefined);
+        for (const c of (Array.isArray(r?.json) ? r.json : []) as Array<{ Id: string }>) {
+          await docker.request('DELETE', `/containers/${c.Id}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+        }
+      }
     },
   };
   t.teardown(() => fake.close());

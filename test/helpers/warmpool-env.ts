@@ -13,7 +13,8 @@ import { TOKEN, e2eEnv, startDaemon, waitFor, type E2eEnv } from './e2e-env.js';
 export interface WarmPoolOptions {
   name: string;
   image?: string;
-  engine?: 'docker' | 'process';
+  engine?: 'docker' | 'process' | 'nomad';
+  ports?: Array<{ name: string; containerPort: number }>;
   command?: string[];
   size: number;
   maxSize: number;
@@ -35,7 +36,7 @@ export function warmPoolDoc(o: WarmPoolOptions): Record<string, unknown> {
     maxSize: o.maxSize,
   };
   if (o.image) spec.image = o.image;
-  for (const k of ['env', 'resources', 'idleResources', 'idleTimeout', 'claim', 'driftPolicy'] as const) if (o[k] !== undefined) spec[k] = o[k];
+  for (const k of ['env', 'ports', 'resources', 'idleResources', 'idleTimeout', 'claim', 'driftPolicy'] as const) if (o[k] !== undefined) spec[k] = o[k];
   return { apiVersion: 'polydev.ai/v1alpha1', kind: 'WarmPool', metadata: { name: o.name }, spec };
 }
 

@@ -34,7 +34,7 @@ export interface ClaimResult {
   claimId: string;
   pool: string;
   userId: string;
-  container: { id: string; name: string; address: string };
+  container: { id: string; name: string; address: string; ports?: Record<string, number> };
   warm: boolean;
   latencyMs: number;
   expiresAt: string;
@@ -227,11 +227,11 @@ export class ClaimService {
     // Refill now: the warm container just taken is replaced without waiting for a resync.
     this.opts.enqueue('WarmPool', d.name);
 
-    let container: { id: string; name: string; address: string };
+    let container: ClaimResult['container'];
     try {
       if (outcome.warm) {
         const m = outcome.member;
-        container = { id: m.containerId!, name: m.name, address: m.address ?? '' };
+        container = { id: m.containerId!, name: m.name, address: m.address ?? '', ...(m.ports ? { ports: m.ports } : {}) };
         const engine = controller.engineFor(d);
         if (d.spec.idleResources && engine.update) await engine.update(container.id, d.spec.resources ?? {});
       } else {
@@ -346,13 +346,13 @@ export class ClaimService {
     } finally {
       inFlight.delete(slot.slot);
     }
-    const bound = store.transaction(() => bindColdClaim(store, claimId, { id: c.id, address: c.address }, Date.now()));
+    const bound = store.transaction(() => bindColdClaim(store, claimId, { id: c.id, address: c.address, ports: c.ports }, Date.now()));
     if (!bound) {
       // Released while it was starting: the reconciler removes the container (state releasing).
       this.opts.enqueue('WarmPool', d.name);
       throw new ClaimServiceError('NOT_FOUND', `claim ${claimId} was released while its container was starting`);
     }
-    return { id: c.id, name: c.name, address: c.address };
+    return { id: c.id, name: c.name, address: c.address, ...(c.ports ? { ports: c.ports } : {}) };
   }
 
   private async inject(d: WarmPoolDesired, containerId: string, input: ClaimInput): Promise<void> {
@@ -445,6 +445,7 @@ export function claimObject(c: ClaimRecord): Record<string, unknown> {
       containerId: c.containerId ?? undefined,
       containerName: c.containerName ?? undefined,
       address: c.address ?? undefined,
+      ports: c.ports ?? undefined,
       warm: c.warm,
       boundAt: iso(c.boundAt),
       releasedAt: iso(c.endedAt),

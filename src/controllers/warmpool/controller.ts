@@ -176,7 +176,7 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
           const c = endClaim(store, a.claimId, a.state, a.reason, now);
           if (c) ended.push({ claimId: c.id, state: a.state, reason: `claim ${c.id} of user ${c.userId}: ${a.reason}` });
         } else if (a.type === 'adopt') adoptMember(store, a.member);
-        else if (a.type === 'promote') recordStarted(store, a.slot, { id: a.containerId, address: a.address, ready: true }, now);
+        else if (a.type === 'promote') recordStarted(store, a.slot, { id: a.containerId, address: a.address, ports: a.ports, ready: true }, now);
         else if (a.type === 'forget') forgetMember(store, a.slot);
       }
       for (const e of ended) {
@@ -203,7 +203,7 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
       }
       try {
         const c = await engine.recycle(a.container, d.spec.claim.workspaceDir);
-        store.transaction(() => recordRecycled(store, a.slot, { id: c.id, address: c.address }, Date.now()));
+        store.transaction(() => recordRecycled(store, a.slot, { id: c.id, address: c.address, ports: c.ports }, Date.now()));
       } catch (err) {
         this.opts.logger.warn('recycle failed; removing the container instead', { pool: d.name, container: a.container.name, error: (err as Error).message });
         await engine.remove(a.container.id);
@@ -230,7 +230,7 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
         try {
           const c = await engine.start(this.containerSpec(d, slot));
           const ready = c.state === 'running' && (c.health === undefined || c.health === 'healthy');
-          store.transaction(() => recordStarted(store, slot.slot, { id: c.id, address: c.address, ready }, Date.now()));
+          store.transaction(() => recordStarted(store, slot.slot, { id: c.id, address: c.address, ports: c.ports, ready }, Date.now()));
         } catch (err) {
           store.transaction(() => forgetMember(store, slot.slot));
           throw err;
@@ -275,6 +275,7 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
       ...(spec.image !== undefined ? { image: spec.image } : {}),
       ...(spec.command !== undefined ? { command: spec.command } : {}),
       ...(spec.args !== undefined ? { args: spec.args } : {}),
+      ...(spec.ports !== undefined ? { ports: spec.ports } : {}),
       env: spec.env ?? {},
       resources: claimId ? (spec.resources ?? {}) : idleResourcesOf(spec),
       specHash: d.specHash,

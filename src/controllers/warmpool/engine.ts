@@ -30,6 +30,11 @@ export interface ContainerResources {
   devices?: Array<{ name: string; count: number }>;
 }
 
+export interface PortSpec {
+  name: string;
+  containerPort: number;
+}
+
 /** Everything an engine needs to start one container of a pool. */
 export interface ContainerSpec {
   pool: string;
@@ -43,6 +48,8 @@ export interface ContainerSpec {
   args?: string[];
   env: Record<string, string>;
   resources: ContainerResources;
+  /** Named ports the container listens on (Nomad maps each to a dynamic host port). */
+  ports?: PortSpec[];
   specHash: string;
   /** Every ownership label, already filled in (managed-by, owner, pool, provider, spec-hash, slot, claim). */
   labels: Record<string, string>;
@@ -69,11 +76,13 @@ export interface ObservedContainer {
   exitCode?: number;
   /** Where the platform reaches it: an IP, host:port, or `container:<name>` without a network. */
   address: string;
+  /** Port name → port on `address`, when the engine maps ports (Nomad's dynamic ports). */
+  ports?: Record<string, number>;
 }
 
-export type EngineFailure = 'ImageNotFound' | 'StartFailed' | 'EngineUnavailable' | 'EngineError';
+export type EngineFailure = 'ImageNotFound' | 'StartFailed' | 'AllocationFailed' | 'EngineUnavailable' | 'EngineError';
 
-/** A failure with a reason a condition can carry (ImageNotFound, StartFailed, EngineUnavailable). */
+/** A failure with a reason a condition can carry (ImageNotFound, StartFailed, AllocationFailed, EngineUnavailable). */
 export class EngineError extends Error {
   constructor(
     readonly reason: EngineFailure,

@@ -49,7 +49,13 @@ export class EngineSet {
       if (!make) {
         throw new EngineError('EngineUnavailable', `the ${name} engine is not configured in this daemon`);
       }
-      engine = instrument(make(), this.metrics);
+      let made: Engine;
+      try {
+        made = make();
+      } catch (err) {
+        throw new EngineError('EngineUnavailable', `the ${name} engine cannot be set up: ${err instanceof Error ? err.message : String(err)}`);
+      }
+      engine = instrument(made, this.metrics);
       this.engines.set(name, engine);
     }
     return engine;

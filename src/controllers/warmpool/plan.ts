@@ -2,6 +2,12 @@ import type { MemberState, PoolMember } from '../../state/pools.js';
 import type { ObservedContainer } from './engine.js';
 import type { RemoveReason, WarmPoolAction, WarmPoolDesired, WarmPoolObserved } from './types.js';
 
+function samePorts(a: Record<string, number> | null | undefined, b: Record<string, number> | undefined): boolean {
+  const ka = Object.keys(a ?? {});
+  if (ka.length !== Object.keys(b ?? {}).length) return false;
+  return ka.every((k) => a![k] === b?.[k]);
+}
+
 const alive = (c: ObservedContainer) => c.state === 'running' && c.health !== 'unhealthy';
 const ready = (c: ObservedContainer) => alive(c) && c.health !== 'starting';
 
@@ -101,6 +107,7 @@ export function planWarmPool(d: WarmPoolDesired, o: WarmPoolObserved): WarmPoolA
         containerId: c.id,
         name: c.name,
         address: c.address,
+        ports: c.ports ?? null,
         specHash: c.specHash,
         state: ready(c) ? 'warm' : 'starting',
         claimId: null,
@@ -132,10 +139,10 @@ export function planWarmPool(d: WarmPoolDesired, o: WarmPoolObserved): WarmPoolA
         starting++;
         continue;
       }
-      actions.push({ type: 'promote', slot, containerId: c.id, address: c.address });
-    } else if (m.containerId !== c.id || m.address !== c.address) {
+      actions.push({ type: 'promote', slot, containerId: c.id, address: c.address, ...(c.ports ? { ports: c.ports } : {}) });
+    } else if (m.containerId !== c.id || m.address !== c.address || !samePorts(m.ports, c.ports)) {
       // Recorded under another id or address (a recycle that restarted it, or a crash mid-record).
-      actions.push({ type: 'promote', slot, containerId: c.id, address: c.address });
+      actions.push({ type: 'promote', slot, containerId: c.id, address: c.address, ...(c.ports ? { ports: c.ports } : {}) });
     }
     classifyWarm(slot, c, m.readyAt ?? c.createdAt);
   }

@@ -4,7 +4,7 @@ import type { ClaimRecord, PoolMember } from '../../state/pools.js';
 import type { StoredResource } from '../../state/types.js';
 import { canonicalJson } from '../../util/canonical-json.js';
 import { parseDuration } from '../../util/duration.js';
-import type { ContainerResources, EngineName, ObservedContainer } from './engine.js';
+import type { ContainerResources, EngineName, ObservedContainer, PortSpec } from './engine.js';
 
 /** WarmPool spec after CRD defaults. */
 export interface WarmPoolSpec {
@@ -13,6 +13,7 @@ export interface WarmPoolSpec {
   image?: string;
   command?: string[];
   args?: string[];
+  ports?: PortSpec[];
   size: number;
   maxSize: number;
   resources?: ContainerResources;
@@ -60,7 +61,7 @@ export type WarmPoolAction =
   | { type: 'remove'; containerId: string; name: string; slot: string; reason: RemoveReason }
   | { type: 'recycle'; container: ObservedContainer; slot: string }
   | { type: 'adopt'; member: PoolMember }
-  | { type: 'promote'; slot: string; containerId: string; address: string }
+  | { type: 'promote'; slot: string; containerId: string; address: string; ports?: Record<string, number> }
   | { type: 'forget'; slot: string; reason: string }
   | { type: 'endClaim'; claimId: string; state: 'expired' | 'failed'; reason: string };
 
@@ -82,6 +83,7 @@ export function specHashOf(spec: WarmPoolSpec): string {
     image: spec.image,
     command: spec.command,
     args: spec.args,
+    ports: spec.ports,
     env: spec.env,
     resources: spec.resources,
     idleResources: spec.idleResources,

@@ -1,0 +1,239 @@
+// WarmPool with engine nomad, end to end: the daemon drives a fake Nomad HTTP API
+// (test/helpers/fake-nomad.ts, no real Nomad can run here) whose "client" runs every task as a
+// real container on a private dockerd, so claims reach real containers through the
+// allocation's address and dynamic port, and credentials are written through Nomad's
+// allocation exec WebSocket.
+
+import anyTest, { type TestFn } from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LABELS } from '../src/controllers/warmpool/engine.js';
+import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
+import { nomadJobPrefix } from '../src/drivers/nomad-engine.js';
+import { getClaim, installationId } from '../src/state/pools.js';
+import { startDockerd, type Dockerd } from './helpers/dockerd.js';
+import { startFakeNomad, type FakeNomad } from './helpers/fake-nomad.js';
+import { sleep, waitFor } from './helpers/e2e-env.js';
+import { poolEnv, type PoolEnv, type WarmPoolOptions } from './helpers/warmpool-env.js';
+
+const test = anyTest as TestFn<{ dockerd: Dockerd }>;
+
+test.before(async (t) => {
+  t.context.dockerd = await startDockerd({ name: 'nomad' });
+});
+test.after.always(async (t) => {
+  await t.context.dockerd?.stop();
+});
+
+/** busybox httpd on the port Nomad gives the task, serving the secrets directory (so a test can read what was injected). */
+const HTTPD = ['sh', '-c', 'exec httpd -f -p "$NOMAD_PORT_http" -h /run/polydev'];
+
+function pool(dockerd: Dockerd, o: Partial<WarmPoolOptions> & { name: string }): WarmPoolOptions {
+  return {
+    engine: 'nomad',
+    image: dockerd.image,
+    command: HTTPD,
+    ports: [{ name: 'http', containerPort: 8080 }],
+    size: 2,
+    maxSize: 4,
+    ...o,
+  };
+}
+
+async function nomadEnv(
+  t: import('ava').ExecutionContext<{ dockerd: Dockerd }>,
+  pools: WarmPoolOptions[],
+  fakeOpts: Parameters<typeof startFakeNomad>[1] = {},
+  nomadConfig: Record<string, unknown> = {},
+): Promise<{ p: PoolEnv; fake: FakeNomad; client: NomadClient; jobs: () => Promise<NomadJob[]> }> {
+  const fake = await startFakeNomad(t, { docker: t.context.dockerd.client, heartbeatMs: 500, ...fakeOpts });
+  const p = await poolEnv(t, undefined, pools, { config: { nomad: { address: fake.address, startTimeout: '20s', ...nomadConfig } } });
+  const client = new NomadClient({ address: fake.address, ...(fakeOpts.token ? { token: fakeOpts.token } : {}) });
+  const jobs = async () => {
+    const { items } = await client.listJobs(nomadJobPrefix(installationId(p.daemon.store)), { meta: true });
+    const live = items.filter((j) => !j.Stop);
+    return Promise.all(live.map((j) => client.readJob(j.ID)));
+  };
+  return { p, fake, client, jobs };
+}
+
+async function httpGet(url: string): Promise<{ status: number; text: string }> {
+  const res = await fetch(url, { signal: AbortSignal.timeout(5_000) });
+  return { status: res.status, text: await res.text() };
+}
+
+test.serial('a nomad pool converges: one job per container, rendered from the spec, each a real running container', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake, jobs } = await nomadEnv(t, [
+    pool(dockerd, { name: 'openai', resources: { cpuMHz: 500, memoryMB: 128, memoryMaxMB: 256 }, env: { PROVIDER_REGION: 'eu' } }),
+  ]);
+  await p.waitWarm('openai', 2);
+  const list = await jobs();
+  t.is(list.length, 2);
+  const owner = installationId(p.daemon.store);
+  const members = p.members('openai');
+  for (const job of list) {
+    t.true(job.ID.startsWith(`polydev-${owner}-openai-`));
+    t.is(job.Type, 'service');
+    t.is(job.Meta?.[LABELS.managedBy], 'polydev-reconciler');
+    t.is(job.Meta?.[LABELS.owner], owner);
+    t.is(job.Meta?.[LABELS.pool], 'openai');
+    t.regex(job.Meta?.[LABELS.specHash] ?? '', /^[0-9a-f]{12}$/);
+    const group = job.TaskGroups[0]!;
+    t.is(group.Count, 1, 'one allocation per job');
+    t.deepEqual(group.ReschedulePolicy, { Attempts: 0, Unlimited: false }, 'Nomad never moves a container under a claim');
+    t.deepEqual(group.Networks?.[0]?.DynamicPorts, [{ Label: 'http', To: 8080 }]);
+    const task = group.Tasks[0]!;
+    t.is(task.Driver, 'docker');
+    t.is(task.Config?.image, dockerd.image);
+    t.deepEqual(task.Config?.entrypoint, HTTPD);
+    t.deepEqual(task.Env, { PROVIDER_REGION: 'eu' });
+    t.is(task.Resources?.CPU, 500);
+    t.is(task.Resources?.MemoryMB, 128);
+    t.is(task.Resources?.MemoryMaxMB, 256);
+    const m = members.find((x) => x.containerId === job.ID);
+    t.truthy(m, `job ${job.ID} is a member`);
+    t.is(m!.address, '127.0.0.1');
+    t.true((m!.ports?.http ?? 0) > 0, 'the dynamic port is recorded');
+    // The real container answers on the allocation's address and port.
+    const res = await httpGet(`http://${m!.address}:${m!.ports!.http}/`);
+    t.true(res.status === 404 || res.status === 403 || res.status === 200, `httpd answered ${res.status}`);
+  }
+  t.true(fake.requests.some((r) => r.path === '/v1/event/stream'), 'the engine follows the event stream');
+});
+
+test.serial('a claim returns the allocation address and port; credentials reach the real container through alloc exec; release deregisters', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'anthropic', size: 1, maxSize: 3 })]);
+  await p.waitWarm('anthropic', 1);
+  const res = await p.api.claim('anthropic', { userId: 'u1', env: { API_KEY: 'sk-test-nomad-123' }, files: { 'config/token.json': '{"t":1}' } });
+  t.is(res.status, 201, JSON.stringify(res.body));
+  const c = res.body.container as { id: string; address: string; ports: { http: number } };
+  t.is(c.address, '127.0.0.1');
+  t.true(c.ports.http > 0);
+  t.true(fake.requests.some((r) => /^\/v1\/client\/allocation\/[^/]+\/exec$/.test(r.path)), 'written through the exec API');
+  const env = await httpGet(`http://${c.address}:${c.ports.http}/env`);
+  t.is(env.status, 200);
+  t.is(env.text, 'API_KEY=sk-test-nomad-123\n');
+  const file = await httpGet(`http://${c.address}:${c.ports.http}/files/config/token.json`);
+  t.is(file.text, '{"t":1}');
+  const claimId = res.body.claimId as string;
+  t.deepEqual(getClaim(p.daemon.store, claimId)?.ports, c.ports);
+  // The pool refills beside the claimed container.
+  await p.waitWarm('anthropic', 1);
+  t.is((await jobs()).length, 2);
+
+  t.is((await p.api.release(claimId)).status, 200);
+  await waitFor('the claimed job is deregistered', async () => !(await jobs()).some((j) => j.ID === c.id), 20_000);
+  const gone = await fetch(`http://${c.address}:${c.ports.http}/`, { signal: AbortSignal.timeout(2_000) }).then(
+    () => false,
+    () => true,
+  );
+  t.true(gone, 'the released container no longer serves');
+});
+
+test.serial('a container that dies is replaced, its claim fails, and a dropped event stream is resumed', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'google', size: 2, maxSize: 4 })]);
+  await p.waitWarm('google', 2);
+  const claim = await p.api.claim('google', { userId: 'u1' });
+  t.is(claim.status, 201);
+  await p.waitWarm('google', 2);
+  fake.dropStreams();
+  const victim = claim.body.container.id as string;
+  const allocs = await new NomadClient({ address: fake.address }).jobAllocations(victim);
+  const cid = fake.containerOf(allocs.items[0]!.ID);
+  t.truthy(cid);
+  await dockerd.request('POST', `/containers/${cid}/kill`);
+  await waitFor(
+    'the dead container replaced and its claim failed',
+    async () => getClaim(p.daemon.store, claim.body.claimId)?.state === 'failed' && !(await jobs()).some((j) => j.ID === victim),
+    30_000,
+  );
+  await p.waitWarm('google', 2);
+  t.regex(getClaim(p.daemon.store, claim.body.claimId)!.reason ?? '', /dead|exited/);
+  t.true(fake.openStreams >= 1, 'the event stream reconnected');
+});
+
+test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {
+  const { dockerd } = t.context;
+  const { p, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'broken', image: 'polydev-test/missing:1', size: 1, maxSize: 1 })]);
+  const status = await waitFor(
+    'AllocationFailed',
+    () => {
+      const st = p.daemon.store.getResource('WarmPool', 'broken')?.status;
+      return st?.conditions.find((c) => c.reason === 'AllocationFailed') ? st : undefined;
+    },
+    30_000,
+  );
+  const cond = status.conditions.find((c) => c.reason === 'AllocationFailed')!;
+  t.regex(cond.message ?? '', /Failed to pull `polydev-test\/missing:1`/);
+  t.is(status.phase === 'Ready', false);
+  await waitFor('no job left', async () => (await jobs()).length === 0, 10_000);
+});
+
+test.serial('a GPU pool renders Nomad Devices; a claim runs while the node has a GPU and fails as not placed when none is free', async (t) => {
+  const { dockerd } = t.context;
+  const { p, jobs } = await nomadEnv(
+    t,
+    [pool(dockerd, { name: 'gpu-workers', size: 0, maxSize: 2, resources: { cpuMHz: 1000, memoryMB: 64, devices: [{ name: 'nvidia/gpu', count: 1 }] } })],
+    { devices: { 'nvidia/gpu': 1 } },
+    { startTimeout: '2s' },
+  );
+  await waitFor('pool ready', () => p.daemon.store.getResource('WarmPool', 'gpu-workers')?.status?.phase === 'Ready', 20_000);
+  const first = await p.api.claim('gpu-workers', { userId: 'u1' });
+  t.is(first.status, 201, JSON.stringify(first.body));
+  const [job] = await jobs();
+  t.deepEqual(job!.TaskGroups[0]!.Tasks[0]!.Resources?.Devices, [{ Name: 'nvidia/gpu', Count: 1 }]);
+  const second = await p.api.claim('gpu-workers', { userId: 'u2' });
+  t.not(second.status, 201);
+  t.regex(JSON.stringify(second.body), /not placed|no allocation running/);
+  await waitFor('the unplaced job is deregistered', async () => (await jobs()).length === 1, 10_000);
+});
+
+test.serial('Nomad unreachable is EngineUnavailable; a wrong ACL token says 403 and never leaks the token', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { token: 'right-token-000' });
+  const p = await poolEnv(t, undefined, [pool(dockerd, { name: 'nomadless', size: 1, maxSize: 1 })], {
+    config: { nomad: { address: 'http://127.0.0.1:1', startTimeout: '2s' } },
+  });
+  const down = await waitFor(
+    'EngineUnavailable',
+    () => p.daemon.store.getResource('WarmPool', 'nomadless')?.status?.conditions.find((c) => c.reason === 'EngineUnavailable'),
+    20_000,
+  );
+  t.regex(down.message ?? '', /Nomad/);
+
+  const tokenFile = path.join(p.env.dir, 'nomad-token');
+  fs.writeFileSync(tokenFile, 'wrong-token-999\n', { mode: 0o600 });
+  const q = await poolEnv(t, undefined, [pool(dockerd, { name: 'forbidden', size: 1, maxSize: 1 })], {
+    config: { nomad: { address: fake.address, tokenFile, startTimeout: '2s' } },
+  });
+  const refused = await waitFor(
+    'a 403 condition',
+    () => q.daemon.store.getResource('WarmPool', 'forbidden')?.status?.conditions.find((c) => /403/.test(c.message ?? '')),
+    20_000,
+  );
+  t.regex(refused.message ?? '', /ACL token/);
+  t.false(JSON.stringify(q.daemon.store.getResource('WarmPool', 'forbidden')).includes('wrong-token-999'));
+});
+
+test.serial('a steady-state resync of a pool costs one job list, not one call per container', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake } = await nomadEnv(t, [pool(dockerd, { name: 'steady', size: 6, maxSize: 6 })]);
+  await p.waitWarm('steady', 6);
+  await sleep(700); // at least one heartbeat: the stream is known to deliver
+  const before = fake.requests.length;
+  for (let i = 0; i < 3; i++) {
+    p.daemon.manager.context.enqueue('WarmPool', 'steady');
+    await p.waitWarm('steady', 6);
+  }
+  const calls = fake.requests.slice(before).filter((r) => r.path !== '/v1/event/stream');
+  const lists = calls.filter((r) => r.path === '/v1/jobs').length;
+  t.true(lists >= 3 && lists <= 4, `job lists: ${lists}`);
+  t.deepEqual(
+    calls.filter((r) => r.path !== '/v1/jobs').map((r) => r.path),
+    [],
+    'no per-job or per-allocation reads in steady state',
+  );
+});
