@@ -4,7 +4,9 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { restartSystemdUnit, runRestartCommand } from '../src/drivers/restart.js';
+import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
+import { restartNomadJob, restartSystemdUnit, runRestartCommand } from '../src/drivers/restart.js';
+import { startFakeNomad } from './helpers/fake-nomad.js';
 
 test('exit code 0 is success; anything else fails with the tail of stderr in the message', async (t) => {
   const ok = await runRestartCommand(['true'], 5_000);
@@ -48,4 +50,61 @@ test('systemdUnit runs `systemctl restart UNIT` (argument vector, no shell)', as
   const r = await restartSystemdUnit('coturn.service', 5_000);
   t.true(r.ok, r.message);
   t.deepEqual(fs.readFileSync(record, 'utf8').trim().split('\n'), ['restart', 'coturn.service']);
+});
+
+// remediation.nomadJob, against the fake Nomad API (test/helpers/fake-nomad.ts).
+
+const coturnJob = (id: string, image = 'coturn:4.6'): NomadJob => ({
+  ID: id,
+  Type: 'service',
+  TaskGroups: [{ Name: 'turn', Count: 1, Tasks: [{ Name: 'coturn', Driver: 'docker', Config: { image } }] }],
+});
+
+async function running(client: NomadClient, id: string): Promise<string> {
+  for (let i = 0; i < 100; i++) {
+    const a = (await client.jobAllocations(id)).items.find((x) => x.ClientStatus === 'running');
+    if (a) return a.ID;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`job ${id} never ran`);
+}
+
+test('restartNomadJob restarts the running allocation in place (same allocation, one more task restart)', async (t) => {
+  const fake = await startFakeNomad(t, { token: 'tok-1' });
+  const client = new NomadClient({ address: fake.address, token: 'tok-1' });
+  await client.registerJob(coturnJob('coturn'));
+  const alloc = await running(client, 'coturn');
+  const out = await restartNomadJob(client, 'coturn', 5_000);
+  t.true(out.ok, out.message);
+  t.regex(out.message, new RegExp(`restarted allocation ${alloc.slice(0, 8)} of Nomad job coturn`));
+  const after = await client.readAllocation(alloc);
+  t.is(after.ClientStatus, 'running');
+  t.is(after.TaskStates?.['coturn']?.Restarts, 1);
+  t.true(fake.requests.some((r) => r.method === 'POST' && r.path === `/v1/client/allocation/${alloc}/restart`));
+});
+
+test('restartNomadJob fails clearly: no running allocation, unknown job, refused token, a hung API', async (t) => {
+  const fake = await startFakeNomad(t, { token: 'tok-2', failImages: ['broken:1'] });
+  const client = new NomadClient({ address: fake.address, token: 'tok-2', retries: 0 });
+  await client.registerJob(coturnJob('dead', 'broken:1'));
+  for (let i = 0; i < 100 && !(await client.jobAllocations('dead')).items.some((a) => a.ClientStatus === 'failed'); i++) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const none = await restartNomadJob(client, 'dead', 5_000);
+  t.false(none.ok);
+  t.regex(none.message, /has no running allocation to restart \([0-9a-f]{8} failed\)/);
+
+  const unknown = await restartNomadJob(client, 'nope', 5_000);
+  t.false(unknown.ok);
+  t.is(unknown.message, 'Nomad job nope has no running allocation to restart');
+
+  const refused = await restartNomadJob(new NomadClient({ address: fake.address, token: 'wrong-secret' }), 'dead', 5_000);
+  t.false(refused.ok);
+  t.regex(refused.message, /403/);
+  t.false(refused.message.includes('wrong-secret'));
+
+  fake.delayMs = 2_000;
+  const slow = await restartNomadJob(client, 'dead', 300);
+  t.false(slow.ok);
+  t.true(slow.timedOut);
 });

@@ -21,7 +21,6 @@ import {
   proxyPortDocumentsCheck,
 } from './proxyport/admission.js';
 import { ProxyPortController } from './proxyport/controller.js';
-import { turnServerDocumentsCheck } from './turnserver/admission.js';
 import { TurnServerController } from './turnserver/controller.js';
 import { claimDocumentsCheck } from './warmpool/admission.js';
 import { WarmPoolController } from './warmpool/controller.js';
@@ -36,7 +35,6 @@ const SEMANTIC_CHECKS = new Map<string, SemanticCheck>([
   ['ProxyPool', proxyPoolDocumentsCheck],
   ['ProxyPort', proxyPortDocumentsCheck],
   ['Claim', claimDocumentsCheck],
-  ['TurnServer', turnServerDocumentsCheck],
 ]);
 
 export function createValidator(): DesiredStateValidator {
@@ -108,6 +106,12 @@ export function createControllers(deps: ControllerDeps): {
     orphanSweepMs: deps.warmPools.orphanSweepMs,
     claimHistory: deps.warmPools.claimHistory,
   });
-  const turnServers = new TurnServerController({ store: deps.store, metrics: deps.metrics, logger: deps.logger });
+  const nomad = deps.nomad;
+  const turnServers = new TurnServerController({
+    store: deps.store,
+    metrics: deps.metrics,
+    logger: deps.logger,
+    ...(nomad?.address ? { nomad: () => nomadClient(nomad) } : {}),
+  });
   return { controllers: [proxyPools, new ProxyPortController(deps.store), warmPools, turnServers], proxyPools, warmPools, engines };
 }

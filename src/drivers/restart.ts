@@ -6,6 +6,7 @@
 // open for ever); stdout is ignored and only the tail of stderr is kept for the message.
 
 import { spawn } from 'node:child_process';
+import type { NomadClient } from './nomad.js';
 
 export interface RestartOutcome {
   ok: boolean;
@@ -65,4 +66,44 @@ export function runRestartCommand(argv: string[], timeoutMs: number): Promise<Re
 
 export function restartSystemdUnit(unit: string, timeoutMs: number): Promise<RestartOutcome> {
   return runRestartCommand(['systemctl', 'restart', unit], timeoutMs);
+}
+
+/**
+ * Restarts the running allocations of a Nomad job in place (`POST /v1/client/allocation/:id/restart`):
+ * the server comes back on the same node, ports and allocation. A job without a running
+ * allocation is a failure: Nomad itself places or reschedules, the daemon does not re-submit.
+ */
+export async function restartNomadJob(client: NomadClient, jobId: string, timeoutMs: number): Promise<RestartOutcome> {
+  const started = performance.now();
+  const outcome = (ok: boolean, message: string, timedOut = false): RestartOutcome => ({
+    ok,
+    exitCode: null,
+    signal: null,
+    timedOut,
+    durationMs: Math.round(performance.now() - started),
+    message,
+  });
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<RestartOutcome>((resolve) => {
+    timer = setTimeout(() => resolve(outcome(false, `restarting Nomad job ${jobId} took longer than ${timeoutMs} ms`, true)), timeoutMs);
+  });
+  const work = (async (): Promise<RestartOutcome> => {
+    try {
+      const { items } = await client.jobAllocations(jobId);
+      const running = items.filter((a) => a.DesiredStatus === 'run' && a.ClientStatus === 'running');
+      if (running.length === 0) {
+        const states = items.map((a) => `${a.ID.slice(0, 8)} ${a.ClientStatus}`).join(', ');
+        return outcome(false, `Nomad job ${jobId} has no running allocation to restart${states ? ` (${states})` : ''}`);
+      }
+      for (const a of running) await client.restartAllocation(a.ID);
+      return outcome(true, `restarted allocation${running.length > 1 ? 's' : ''} ${running.map((a) => a.ID.slice(0, 8)).join(', ')} of Nomad job ${jobId}`);
+    } catch (err) {
+      return outcome(false, `restarting Nomad job ${jobId}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  })();
+  try {
+    return await Promise.race([work, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { probeTurn, type TurnCredentials, type TurnProbeResult, type TurnTransport } from '../../drivers/turn.js';
-import { restartSystemdUnit, runRestartCommand, type RestartOutcome } from '../../drivers/restart.js';
+import type { NomadClient } from '../../drivers/nomad.js';
+import { restartNomadJob, restartSystemdUnit, runRestartCommand, type RestartOutcome } from '../../drivers/restart.js';
 import type { Logger } from '../../observability/logger.js';
 import type { Metrics } from '../../observability/metrics.js';
 import type { ControllerContext, SimpleController } from '../../runtime/controller.js';
@@ -60,6 +61,8 @@ export interface TurnServerControllerOptions {
   store: Store;
   metrics: Metrics;
   logger: Logger;
+  /** The Nomad API, for remediation.nomadJob; absent when this daemon has no nomad.address. */
+  nomad?: () => NomadClient;
 }
 
 /**
@@ -70,6 +73,8 @@ export interface TurnServerControllerOptions {
 export class TurnServerController implements SimpleController {
   readonly kind = KIND;
   private readonly schedules = new Map<string, Schedule>();
+
+  private nomadClient: NomadClient | undefined;
 
   constructor(private readonly opts: TurnServerControllerOptions) {}
 
@@ -179,14 +184,22 @@ export class TurnServerController implements SimpleController {
     let outcome: RestartOutcome;
     if (r.command) outcome = await runRestartCommand(r.command, d.restartTimeoutMs);
     else if (r.systemdUnit) outcome = await restartSystemdUnit(r.systemdUnit, d.restartTimeoutMs);
-    else {
-      // Refused at apply time (see admission); kept so an old row cannot crash the loop.
-      outcome = { ok: false, exitCode: null, signal: null, timedOut: false, durationMs: 0, message: 'remediation.nomadJob needs the nomad engine, which this build does not have yet' };
+    else if (r.nomadJob && this.opts.nomad) {
+      let client: NomadClient | undefined;
+      try {
+        client = (this.nomadClient ??= this.opts.nomad());
+      } catch (err) {
+        outcome = { ok: false, exitCode: null, signal: null, timedOut: false, durationMs: 0, message: `the Nomad client cannot be set up: ${(err as Error).message}` };
+      }
+      if (client) outcome = await restartNomadJob(client, r.nomadJob, d.restartTimeoutMs);
+      else outcome ??= { ok: false, exitCode: null, signal: null, timedOut: false, durationMs: 0, message: 'no Nomad client' };
+    } else {
+      outcome = { ok: false, exitCode: null, signal: null, timedOut: false, durationMs: 0, message: 'remediation.nomadJob: this daemon has no nomad.address configured' };
     }
     const at = Date.now();
     metrics.turnRestarts.inc({ server: d.name });
     const next = nextTurnSnapshot(snap, { type: 'RESTARTED', ok: outcome.ok, at, ...(outcome.ok ? {} : { error: outcome.message }) });
-    const how = r.command ? `command ${r.command[0]}` : r.systemdUnit ? `systemctl restart ${r.systemdUnit}` : 'nomadJob';
+    const how = r.command ? `command ${r.command[0]}` : r.systemdUnit ? `systemctl restart ${r.systemdUnit}` : `Nomad job ${r.nomadJob}`;
     logger[outcome.ok ? 'info' : 'warn']('TURN server restarted', { server: d.name, via: how, ok: outcome.ok, tookMs: outcome.durationMs, result: outcome.message });
     this.opts.store.transaction(() => {
       ctx.recorder.record(KIND, d.name, outcome.ok ? 'Normal' : 'Warning', outcome.ok ? 'Restarted' : 'RestartFailed',
