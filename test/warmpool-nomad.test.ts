@@ -6,7 +6,10 @@
 
 import anyTest, { type TestFn } from 'ava';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
+import YAML from 'yaml';
+import { runCli } from '../src/cli/main.js';
 import { LABELS } from '../src/controllers/warmpool/engine.js';
 import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
 import { nomadJobPrefix } from '../src/drivers/nomad-engine.js';
@@ -14,7 +17,7 @@ import { getClaim, installationId } from '../src/state/pools.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
 import { startFakeNomad, type FakeNomad } from './helpers/fake-nomad.js';
 import { sleep, waitFor } from './helpers/e2e-env.js';
-import { poolEnv, type PoolEnv, type WarmPoolOptions } from './helpers/warmpool-env.js';
+import { poolEnv, warmPoolDoc, type PoolEnv, type WarmPoolOptions } from './helpers/warmpool-env.js';
 
 const test = anyTest as TestFn<{ dockerd: Dockerd }>;
 
@@ -236,4 +239,32 @@ test.serial('a steady-state resync of a pool costs one job list, not one call pe
     [],
     'no per-job or per-allocation reads in steady state',
   );
+});
+
+test.serial('`plan warmpool` shows the starts a reconcile would make and the Nomad job each registers, and registers nothing', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { docker: dockerd.client });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pd-plan-nomad-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const cfg = path.join(dir, 'config.yaml');
+  fs.writeFileSync(cfg, YAML.stringify({ database: path.join(dir, 'state.db'), nomad: { address: fake.address } }));
+  const poolFile = path.join(dir, 'pool.yaml');
+  fs.writeFileSync(poolFile, YAML.stringify(warmPoolDoc(pool(dockerd, { name: 'planned', size: 2, maxSize: 2 }))));
+  const run = async (args: string[]) => {
+    const out: string[] = [];
+    const code = await runCli(['--config', cfg, ...args], { out: (s) => out.push(s), err: (s) => out.push(s) });
+    return { code, text: out.join('\n') };
+  };
+  t.is((await run(['apply', '-f', poolFile])).code, 0);
+  const before = fake.requests.filter((r) => r.method === 'POST').length;
+  const plan = await run(['plan', 'warmpool', 'planned']);
+  t.is(plan.code, 1, plan.text);
+  t.regex(plan.text, /WarmPool\/planned: 2 change\(s\)/);
+  t.is(plan.text.match(/start a warm container/g)?.length, 2);
+  const json = plan.text.slice(plan.text.indexOf('{')).split('\n').map((l) => l.replace(/^ {4}/, '')).join('\n');
+  const job = (JSON.parse(json) as { Job: NomadJob }).Job;
+  t.is(job.TaskGroups[0]!.Tasks[0]!.Config?.image, dockerd.image);
+  t.deepEqual(job.TaskGroups[0]!.Networks?.[0]?.DynamicPorts, [{ Label: 'http', To: 8080 }]);
+  t.is(fake.requests.filter((r) => r.method === 'POST').length, before, 'plan registers nothing');
+  t.is((await run(['plan', 'warmpool', 'nope'])).code, 1);
 });

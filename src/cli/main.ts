@@ -24,6 +24,7 @@ import type { StoredResource } from '../state/types.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { lineDiff } from '../util/line-diff.js';
 import { claimCommand, describeClaim, getClaims, releaseCommand, warmPoolSections, type ClaimOptions, type Io, type ServerOptions } from './claims.js';
+import { planWarmPools } from './plan-warmpool.js';
 import { age, CliError, eventsSection, EXIT, prefixLines, renderResources, table, type OutputFormat } from './output.js';
 
 export { EXIT };
@@ -264,7 +265,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
 
   program
     .command('plan')
-    .description('store against live state: what a reconcile would do now; exit 0 nothing, 1 changes, 2 error')
+    .description('store against live state: what a reconcile would do now (ProxyPools and ports by default; `plan warmpool [NAME]` for pools, with the Nomad job a start registers); exit 0 nothing, 1 changes, 2 error')
     .argument('[kind]')
     .argument('[name]')
     .action(
@@ -281,6 +282,9 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
             if (!port) throw new CliError(`ProxyPort "${name}" not found`, EXIT.PROBLEMS);
             poolNames = poolNames.filter((p) => p === poolOf(port.spec));
             onlyUser = port.spec.userId;
+          }
+          if (kind === 'WarmPool') {
+            return (await planWarmPools(store, cfg, name, io)) > 0 ? EXIT.PROBLEMS : EXIT.OK;
           }
           if (kind && kind !== 'ProxyPool' && kind !== 'ProxyPort') {
             throw new CliError(`${kind} has no controller in this build; nothing to plan`);
