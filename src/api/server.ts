@@ -13,6 +13,7 @@ import type { Metrics } from '../observability/metrics.js';
 import type { Manager } from '../runtime/manager.js';
 import type { Store } from '../state/store.js';
 import type { StoredResource } from '../state/types.js';
+import { registerStatusPage } from './status-page.js';
 
 export interface ApiDeps {
   store: Store;
@@ -97,6 +98,7 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     reply.header('content-type', metrics.registry.contentType);
     return metrics.registry.metrics();
   });
+  registerStatusPage(app, { store, ready: () => manager.isReady() });
 
   // ---- proxy ports (by user) ---------------------------------------------
   app.post('/api/v1/proxyports', { preHandler: requireToken }, async (req, reply) => {
