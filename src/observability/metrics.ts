@@ -1,5 +1,15 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
+/** One resource's phase and Ready condition, as polydev_resource_phase / polydev_resource_ready show them. */
+export interface ResourceStatusRow {
+  kind: string;
+  name: string;
+  phase: string;
+  ready: boolean;
+  /** The Ready condition's reason ('NotReconciled' before the first status). */
+  reason: string;
+}
+
 /** Every metric the daemon exports, on a registry of its own (so tests can run several daemons in one process). */
 export class Metrics {
   readonly registry = new Registry();
@@ -70,6 +80,42 @@ export class Metrics {
     this.resources.reset();
     for (const { kind, phase, n } of this.resourceCounter()) this.resources.set({ kind, phase }, n);
   }
+  /**
+   * One series per resource (ProxyPorts excepted: there can be 10,000; see polydev_proxy_ports), for
+   * its current phase only, value 1. Read from the store when scraped (see describeResourcesWith).
+   */
+  readonly resourcePhase = new Gauge({
+    name: 'polydev_resource_phase',
+    help: 'The current phase of each resource (Ready, Drifted, Backoff, Degraded, …), always 1; ProxyPorts are not listed (see polydev_proxy_ports).',
+    labelNames: ['kind', 'name', 'phase'] as const,
+    registers: [this.registry],
+    collect: () => this.collectResourceStatus('phase'),
+  });
+  readonly resourceReady = new Gauge({
+    name: 'polydev_resource_ready',
+    help: "1 while a resource's Ready condition is True, else 0; reason is the condition's reason (Converged, EngineUnavailable, ImageNotFound, …). ProxyPorts are not listed.",
+    labelNames: ['kind', 'name', 'reason'] as const,
+    registers: [this.registry],
+    collect: () => this.collectResourceStatus('ready'),
+  });
+  private resourceStatusSource: (() => ResourceStatusRow[]) | undefined;
+
+  /** Where polydev_resource_phase and polydev_resource_ready come from at scrape time (the manager passes the store). */
+  describeResourcesWith(source: () => ResourceStatusRow[]): void {
+    this.resourceStatusSource = source;
+  }
+
+  private collectResourceStatus(which: 'phase' | 'ready'): void {
+    if (!this.resourceStatusSource) return;
+    const rows = this.resourceStatusSource();
+    if (which === 'phase') {
+      this.resourcePhase.reset();
+      for (const r of rows) this.resourcePhase.set({ kind: r.kind, name: r.name, phase: r.phase }, 1);
+    } else {
+      this.resourceReady.reset();
+      for (const r of rows) this.resourceReady.set({ kind: r.kind, name: r.name, reason: r.reason }, r.ready ? 1 : 0);
+    }
+  }
   readonly iptablesRestoreTotal = new Counter({
     name: 'polydev_iptables_restore_total',
     help: 'iptables-restore runs, by result.',
@@ -118,6 +164,33 @@ export class Metrics {
     if (!this.poolMemberCounter) return;
     this.warmPoolContainers.reset();
     for (const { pool, state, n } of this.poolMemberCounter()) this.warmPoolContainers.set({ pool, state }, n);
+  }
+  /** Read from the store when scraped (see sizeWarmPoolsWith). */
+  readonly warmPoolDesired = new Gauge({
+    name: 'polydev_warm_pool_desired_size',
+    help: 'Warm (unclaimed) containers each WarmPool should keep: its spec.size.',
+    labelNames: ['pool'] as const,
+    registers: [this.registry],
+    collect: () => this.collectPoolSizes('size'),
+  });
+  readonly warmPoolMax = new Gauge({
+    name: 'polydev_warm_pool_max_size',
+    help: 'Containers each WarmPool may have in all (warm, starting, claimed): its spec.maxSize.',
+    labelNames: ['pool'] as const,
+    registers: [this.registry],
+    collect: () => this.collectPoolSizes('maxSize'),
+  });
+  private poolSizeSource: (() => Array<{ pool: string; size: number; maxSize: number }>) | undefined;
+
+  sizeWarmPoolsWith(source: () => Array<{ pool: string; size: number; maxSize: number }>): void {
+    this.poolSizeSource = source;
+  }
+
+  private collectPoolSizes(which: 'size' | 'maxSize'): void {
+    if (!this.poolSizeSource) return;
+    const gauge = which === 'size' ? this.warmPoolDesired : this.warmPoolMax;
+    gauge.reset();
+    for (const p of this.poolSizeSource()) gauge.set({ pool: p.pool }, p[which]);
   }
   readonly claimsTotal = new Counter({
     name: 'polydev_claims_total',

@@ -28,6 +28,7 @@ import {
 } from './controller.js';
 import { backoffDelay, DEFAULT_BACKOFF, WorkQueue, type BackoffPolicy } from './queue.js';
 import { relieveMemoryAfterBurst } from '../util/memory.js';
+import { wireStatusMetrics } from './status-metrics.js';
 
 export interface ManagerOptions {
   store: Store;
@@ -85,6 +86,8 @@ export class Manager {
 
   constructor(private readonly opts: ManagerOptions) {
     this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
+    // polydev_resource_phase, polydev_resource_ready, polydev_warm_pool_{desired,max}_size: read from the store at scrape time.
+    wireStatusMetrics(opts.metrics, opts.store);
     this.queue = new WorkQueue({
       onDepth: (d) => opts.metrics.workqueueDepth.set(d),
       onAdd: () => opts.metrics.workqueueAdds.inc(),
