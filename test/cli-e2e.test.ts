@@ -84,7 +84,8 @@ test('run --once that cannot converge: exit 1 after onceTimeout, listing the res
   t.regex(r.stdout, /not converged after 2000 ms/);
   t.regex(r.stdout, /ProxyPool\/default: \w+: .*nonexistent\.invalid/);
   t.regex(r.stdout, /ProxyPort\/alice/);
-  t.true(r.ms < 15_000, `took ${r.ms} ms`);
+  // A hang guard, not a speed check: onceTimeout is 2 s, start-up on a loaded machine takes seconds.
+  t.true(r.ms < 60_000, `took ${r.ms} ms`);
   t.deepEqual(userRules(await saveNat(env.ns)), []);
 });
 
@@ -292,7 +293,7 @@ test('validate, apply (twice: unchanged), diff against the store', async (t) => 
   const c = await cli(t);
   const v = await c.run(['validate', '-f', EXAMPLES]);
   t.is(v.code, 0, v.stdout + v.stderr);
-  t.regex(v.stdout, /10 resource\(s\) in 5 file\(s\) are valid/);
+  t.regex(v.stdout, /11 resource\(s\) in 6 file\(s\) are valid/);
   const a1 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a1.code, 0, a1.stderr);
   t.regex(a1.stdout, /proxypool\/default created/);
