@@ -1,5 +1,5 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
-// BENCH_ONLY=proxy|warm-pool|turn runs one; BENCH_RUNS sets the runs per figure (default 5).
+// BENCH_ONLY=proxy|warm-pool|turn|nomad runs one; BENCH_RUNS sets the runs per figure (default 5).
 // Warm-pool only, for investigations: BENCH_WARM_POOL_PARTS=claims,refill,rss (default all),
 // BENCH_RSS_RUNS (default 2), BENCH_CPU_PROFILE=1 (profile the daemon during the claim bursts).
 // Needs root (network namespaces, dockerd, coturn); everything it creates is deleted when it ends.
@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runNomadBench } from './nomad.js';
 import { runProxyBench } from './proxy.js';
 import { printTable, type BenchFigure } from './stats.js';
 import { runTurnBench } from './turn.js';
@@ -27,6 +28,7 @@ const BENCHES: Bench[] = [
   { name: 'proxy', issue: 2, title: 'ProxyPort (issue 2)', run: runProxyBench },
   { name: 'warm-pool', issue: 3, title: 'WarmPool (issue 3)', run: runWarmPoolBench },
   { name: 'turn', issue: 4, title: 'TurnServer (issue 4)', run: runTurnBench },
+  { name: 'nomad', issue: 5, title: 'WarmPool engine nomad (issue 5)', run: runNomadBench },
 ];
 
 const only = process.env.BENCH_ONLY;
