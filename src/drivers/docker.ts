@@ -18,6 +18,7 @@ import {
   LABELS,
   MANAGED_BY,
   SECRETS_DIR,
+  ownershipLabels,
   type ContainerHealth,
   type ContainerResources,
   type ContainerSpec,
@@ -590,14 +591,7 @@ export function buildCreateBody(spec: ContainerSpec, network: string): JsonObjec
   const devs = deviceRequests(r.devices);
   if (devs.length) hostConfig['DeviceRequests'] = devs;
 
-  const labels: Record<string, string> = {
-    [LABELS.managedBy]: MANAGED_BY,
-    [LABELS.pool]: spec.pool,
-    [LABELS.provider]: spec.provider,
-    [LABELS.slot]: spec.slot,
-    [LABELS.specHash]: spec.specHash,
-    ...spec.labels,
-  };
+  const labels = ownershipLabels(spec);
   const body: JsonObject = {
     Image: spec.image,
     Env: Object.entries(spec.env).map(([k, v]) => `${k}=${v}`),

@@ -12,7 +12,7 @@
 // up: allocations are cached and kept current by the stream, and re-read only for jobs whose
 // ModifyIndex moved or when the stream was down.
 
-import { EngineError, LABELS, MANAGED_BY, SECRETS_DIR } from '../controllers/warmpool/engine.js';
+import { EngineError, LABELS, MANAGED_BY, SECRETS_DIR, ownershipLabels } from '../controllers/warmpool/engine.js';
 import type {
   ContainerResources,
   ContainerSpec,
@@ -68,14 +68,7 @@ function ownerOf(spec: ContainerSpec): string {
 /** The job registered for one container (pure; `plan` prints it). */
 export function renderNomadJob(spec: ContainerSpec, opts: { datacenters: string[] }): NomadJob {
   if (!spec.image) throw new EngineError('StartFailed', `container ${spec.name}: the nomad engine needs an image (pool ${spec.pool})`);
-  const meta: Record<string, string> = {
-    [LABELS.managedBy]: MANAGED_BY,
-    [LABELS.pool]: spec.pool,
-    [LABELS.provider]: spec.provider,
-    [LABELS.slot]: spec.slot,
-    [LABELS.specHash]: spec.specHash,
-    ...spec.labels,
-  };
+  const meta = ownershipLabels(spec);
   const ports = spec.ports ?? [];
   const config: Record<string, unknown> = {
     image: spec.image,

@@ -55,6 +55,18 @@ export interface ContainerSpec {
   labels: Record<string, string>;
 }
 
+/** The ownership labels of a container (Docker labels, Nomad meta): the fixed ones, then spec.labels. */
+export function ownershipLabels(spec: ContainerSpec): Record<string, string> {
+  return {
+    [LABELS.managedBy]: MANAGED_BY,
+    [LABELS.pool]: spec.pool,
+    [LABELS.provider]: spec.provider,
+    [LABELS.slot]: spec.slot,
+    [LABELS.specHash]: spec.specHash,
+    ...spec.labels,
+  };
+}
+
 export type ContainerState = 'created' | 'running' | 'restarting' | 'paused' | 'exited' | 'dead' | 'removing';
 export type ContainerHealth = 'starting' | 'healthy' | 'unhealthy';
 
