@@ -28,6 +28,28 @@ export interface Config {
   process: { runDir: string };
   warmPools: { parallelism: number; claimHistory: number };
   nomad: NomadSettings;
+  /** Where desired state comes from: YAML files (desiredStateDir, apply, the API) or Kubernetes custom resources. */
+  source: 'files' | 'kubernetes';
+  kubernetes: { kubeconfig: string | undefined; namespace: string | undefined; resyncMs: number };
+  leaderElection: LeaderElectionSettings;
+  notify: { targets: NotifyTargetSetting[]; repeatIntervalMs: number; evaluationIntervalMs: number };
+}
+
+export interface LeaderElectionSettings {
+  enabled: boolean;
+  leaseName: string;
+  /** Unset: `<hostname>_<random>` (in Kubernetes, set it to the pod name). */
+  identity: string | undefined;
+  leaseDurationMs: number;
+  renewDeadlineMs: number;
+  retryPeriodMs: number;
+}
+
+export interface NotifyTargetSetting {
+  name: string;
+  format: 'alertmanager' | 'slack';
+  /** The webhook URL; read from urlFile at load time when the config names one (Slack URLs are secrets). */
+  url: string;
 }
 
 export interface NomadSettings {
@@ -44,7 +66,7 @@ export interface NomadSettings {
   startTimeoutMs: number;
 }
 
-type Kind = 'path' | 'string' | 'url' | 'list' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool';
+type Kind = 'path' | 'string' | 'url' | 'list' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool' | 'source' | 'targets';
 
 interface Setting {
   /** Dotted key in the YAML file. */
@@ -57,10 +79,10 @@ interface Setting {
 
 /** Every setting, its default and its environment variable: the README's reference is generated from this table. */
 export const SETTINGS: readonly Setting[] = [
-  { key: 'database', env: 'POLYDEV_DATABASE', kind: 'path', default: 'var/polydev.db', help: 'SQLite file: desired state, status, events, allocations, snapshots. Created with mode 0600.' },
+  { key: 'database', env: 'POLYDEV_DATABASE', kind: 'path', default: 'var/polydev.db', help: 'SQLite file: desired state, status, events, allocations, snapshots. Created with mode 0600. (`--db` / `POLYDEV_DB` override it for one command.)' },
   { key: 'desiredStateDir', env: 'POLYDEV_DESIRED_STATE_DIR', kind: 'path', default: undefined, help: 'Directory of desired-state YAML that the daemon watches and applies (all or nothing, with prune). Unset: only `apply` and the API change desired state.' },
   { key: 'listen', env: 'POLYDEV_LISTEN', kind: 'listen', default: '127.0.0.1:9470', help: 'Address of the HTTP API, /metrics, /healthz and /readyz.' },
-  { key: 'apiTokenFile', env: 'POLYDEV_API_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the bearer token that mutating API calls need. Unset: mutating calls are refused (403).' },
+  { key: 'apiTokenFile', env: 'POLYDEV_API_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the bearer token that mutating API calls need (at least 16 characters). Unset: mutating calls are refused (403).' },
   { key: 'logLevel', env: 'POLYDEV_LOG_LEVEL', kind: 'logLevel', default: 'info', help: 'error, warn, info or debug.' },
   { key: 'resyncInterval', env: 'POLYDEV_RESYNC_INTERVAL', kind: 'duration', default: '30s', help: 'Every key is reconciled at least this often, changes or not (drift detection).' },
   { key: 'workers', env: 'POLYDEV_WORKERS', kind: 'int', default: '4', help: 'Reconciles running at once (never two for the same key).' },
@@ -87,6 +109,19 @@ export const SETTINGS: readonly Setting[] = [
   { key: 'nomad.serverName', env: 'POLYDEV_NOMAD_SERVER_NAME', kind: 'string', default: undefined, help: 'TLS server name to verify instead of the address\'s host (Nomad\'s own certificates name `server.<region>.nomad`).' },
   { key: 'nomad.startTimeout', env: 'POLYDEV_NOMAD_START_TIMEOUT', kind: 'duration', default: '120s', help: 'How long a container start waits for its allocation to run (placement and image pull) before it is deregistered and reported as AllocationFailed.' },
   { key: 'warmPools.claimHistory', env: 'POLYDEV_CLAIM_HISTORY', kind: 'int', default: '10000', help: 'Ended claims kept in the store (for `get claims` and pool stats); open claims are always kept.' },
+  { key: 'source', env: 'POLYDEV_SOURCE', kind: 'source', default: 'files', help: '`files`: desired state comes from desiredStateDir, `apply` and the API. `kubernetes`: from the polydev.ai custom resources in kubernetes.namespace (watched); status is written back to their status subresource.' },
+  { key: 'kubernetes.kubeconfig', env: 'POLYDEV_KUBECONFIG', kind: 'path', default: undefined, help: 'Kubeconfig file for source kubernetes. Unset: the pod\'s service account (in-cluster).' },
+  { key: 'kubernetes.namespace', env: 'POLYDEV_KUBERNETES_NAMESPACE', kind: 'string', default: undefined, help: 'Namespace of the custom resources and the leader Lease. Unset: the pod\'s own namespace, else the kubeconfig context\'s, else `default`.' },
+  { key: 'kubernetes.resync', env: 'POLYDEV_KUBERNETES_RESYNC', kind: 'duration', default: '10m', help: 'Full relist of the custom resources this often, besides the watch (catches anything a watch missed).' },
+  { key: 'leaderElection.enabled', env: 'POLYDEV_LEADER_ELECTION', kind: 'bool', default: 'false', help: 'true: several daemons may run; one leads and the others wait as standbys (/readyz 503) and take over when it dies. The lease is a row in the database (source files: daemons sharing one database on one host) or a coordination.k8s.io/v1 Lease (source kubernetes). false: a second daemon on the same database refuses to start.' },
+  { key: 'leaderElection.leaseName', env: 'POLYDEV_LEADER_ELECTION_LEASE', kind: 'string', default: 'polydev-reconciler', help: 'Name of the lease (the Lease object in Kubernetes).' },
+  { key: 'leaderElection.identity', env: 'POLYDEV_LEADER_ELECTION_IDENTITY', kind: 'string', default: undefined, help: 'This daemon\'s name in the lease. Unset: `<hostname>_<random>`; in Kubernetes set it to the pod name.' },
+  { key: 'leaderElection.leaseDuration', env: 'POLYDEV_LEADER_ELECTION_LEASE_DURATION', kind: 'duration', default: '15s', help: 'How long a standby honours a lease that is not renewed: the longest a hung leader blocks a takeover (a leader whose process died on the same host is replaced at the next retry).' },
+  { key: 'leaderElection.renewDeadline', env: 'POLYDEV_LEADER_ELECTION_RENEW_DEADLINE', kind: 'duration', default: '10s', help: 'A leader that cannot renew for this long stops acting and exits (shorter than leaseDuration, so it stops before anyone takes over).' },
+  { key: 'leaderElection.retryPeriod', env: 'POLYDEV_LEADER_ELECTION_RETRY_PERIOD', kind: 'duration', default: '2s', help: 'Interval of renewals and of a standby\'s attempts to take the lease.' },
+  { key: 'notify.targets', env: 'POLYDEV_NOTIFY_TARGETS', kind: 'targets', default: undefined, help: 'Webhooks the built-in notifier sends alerts to (for operators without Alertmanager): a list of `{name, format: alertmanager|slack, url | urlFile}`; in the variable, the same list as JSON. URLs are secrets and never logged. Unset: no notifications.' },
+  { key: 'notify.repeatInterval', env: 'POLYDEV_NOTIFY_REPEAT_INTERVAL', kind: 'duration', default: '4h', help: 'An alert still firing is sent again this often.' },
+  { key: 'notify.evaluationInterval', env: 'POLYDEV_NOTIFY_EVALUATION_INTERVAL', kind: 'duration', default: '15s', help: 'How often the built-in notifier evaluates its alert rules.' },
 ];
 
 export class ConfigError extends Error {
@@ -102,6 +137,7 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
   const fail = (why: string): never => {
     throw new ConfigError(`${where}: ${s.key}: ${why}`);
   };
+  if (s.kind === 'targets') return convertTargets(raw, baseDir, fail);
   const text = typeof raw === 'string' ? raw : typeof raw === 'number' || typeof raw === 'boolean' ? String(raw) : fail('must be a scalar');
   switch (s.kind) {
     case 'path':
@@ -110,6 +146,9 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
     case 'string':
       if (s.key === 'iptables.netns' && !NETNS_NAME.test(text)) return fail('must be a namespace name of [A-Za-z0-9_.-], at most 32');
       if (s.key === 'docker.network' && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(text)) return fail('must be a Docker network name');
+      if (s.key === 'kubernetes.namespace' && !/^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/.test(text)) return fail('must be a Kubernetes namespace name (RFC 1123 label)');
+      if (s.key === 'leaderElection.leaseName' && !/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(text)) return fail('must be a Kubernetes object name (RFC 1123 subdomain)');
+      if (s.key === 'leaderElection.identity' && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/.test(text)) return fail('must be a name of [A-Za-z0-9_.:-], at most 128');
       return text;
     case 'url': {
       let u: URL;
@@ -159,7 +198,59 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
     case 'bool':
       if (!['true', 'false'].includes(text)) return fail('must be true or false');
       return text === 'true';
+    case 'source':
+      if (!['files', 'kubernetes'].includes(text)) return fail('must be files or kubernetes');
+      return text;
   }
+}
+
+const TARGET_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+/** notify.targets: a YAML list, or the same list as JSON in the environment variable. */
+function convertTargets(raw: unknown, baseDir: string, fail: (why: string) => never): NotifyTargetSetting[] {
+  let list = raw;
+  if (typeof raw === 'string') {
+    try {
+      list = JSON.parse(raw) as unknown;
+    } catch {
+      return fail('must be a JSON list of {name, format, url | urlFile}');
+    }
+  }
+  if (!Array.isArray(list)) return fail('must be a list of {name, format, url | urlFile}');
+  const seen = new Set<string>();
+  return list.map((item: unknown, i) => {
+    const at = (why: string) => fail(`[${i}]: ${why}`);
+    if (item === null || typeof item !== 'object' || Array.isArray(item)) return at('must be a mapping');
+    const t = item as Record<string, unknown>;
+    for (const k of Object.keys(t)) if (!['name', 'format', 'url', 'urlFile'].includes(k)) at(`${k}: unknown field (known: name, format, url, urlFile)`);
+    if (typeof t.name !== 'string' || !TARGET_NAME.test(t.name)) return at('name: must be a name of [A-Za-z0-9_.-]');
+    if (seen.has(t.name)) return at(`name: ${t.name} is used twice`);
+    seen.add(t.name);
+    if (t.format !== 'alertmanager' && t.format !== 'slack') return at('format: must be alertmanager or slack');
+    if ((t.url === undefined) === (t.urlFile === undefined)) return at('needs exactly one of url and urlFile');
+    let url: string;
+    if (t.urlFile !== undefined) {
+      if (typeof t.urlFile !== 'string' || t.urlFile === '') return at('urlFile: must be a path');
+      const file = path.resolve(baseDir, t.urlFile);
+      try {
+        url = fs.readFileSync(file, 'utf8').trim();
+      } catch (err) {
+        return at(`urlFile: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      }
+    } else {
+      if (typeof t.url !== 'string') return at('url: must be a string');
+      url = t.url;
+    }
+    let u: URL;
+    try {
+      u = new URL(url);
+    } catch {
+      // The URL itself is never echoed: a Slack webhook URL is a credential.
+      return at('url: is not a valid URL');
+    }
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') return at('url: must be http:// or https://');
+    return { name: t.name, format: t.format, url };
+  });
 }
 
 function flatten(obj: Record<string, unknown>, prefix = ''): Map<string, unknown> {
@@ -275,5 +366,42 @@ export function loadConfig(
       serverName: get<string | undefined>('nomad.serverName'),
       startTimeoutMs: get<number>('nomad.startTimeout'),
     },
+    source: get<'files' | 'kubernetes'>('source'),
+    kubernetes: {
+      kubeconfig: get<string | undefined>('kubernetes.kubeconfig'),
+      namespace: get<string | undefined>('kubernetes.namespace'),
+      resyncMs: get<number>('kubernetes.resync'),
+    },
+    leaderElection: checkLeaderElection({
+      enabled: get<boolean>('leaderElection.enabled'),
+      leaseName: get<string>('leaderElection.leaseName'),
+      identity: get<string | undefined>('leaderElection.identity'),
+      leaseDurationMs: get<number>('leaderElection.leaseDuration'),
+      renewDeadlineMs: get<number>('leaderElection.renewDeadline'),
+      retryPeriodMs: get<number>('leaderElection.retryPeriod'),
+    }),
+    notify: {
+      targets: get<NotifyTargetSetting[] | undefined>('notify.targets') ?? [],
+      repeatIntervalMs: get<number>('notify.repeatInterval'),
+      evaluationIntervalMs: get<number>('notify.evaluationInterval'),
+    },
   };
+}
+
+/** client-go's rule: a leader must give up before a standby may take over, with room for one retry. */
+function checkLeaderElection(le: LeaderElectionSettings): LeaderElectionSettings {
+  if (le.renewDeadlineMs >= le.leaseDurationMs) {
+    throw new ConfigError(`leaderElection.renewDeadline (${le.renewDeadlineMs} ms) must be shorter than leaderElection.leaseDuration (${le.leaseDurationMs} ms)`);
+  }
+  if (le.retryPeriodMs * 1.2 >= le.renewDeadlineMs) {
+    throw new ConfigError(`leaderElection.retryPeriod (${le.retryPeriodMs} ms) must be well under leaderElection.renewDeadline (${le.renewDeadlineMs} ms)`);
+  }
+  return le;
+}
+
+/** The README's configuration table, generated from SETTINGS (`npx tsx scripts/config-reference.ts`). */
+export function configReference(): string {
+  const cell = (s: string) => s.replace(/\|/g, '\\|');
+  const rows = SETTINGS.map((s) => `| \`${s.key}\` | \`${s.env}\` | ${s.default === undefined ? '(unset)' : `\`${s.default}\``} | ${cell(s.help)} |`);
+  return ['| setting | environment | default | meaning |', '|---|---|---|---|', ...rows].join('\n');
 }

@@ -4,7 +4,7 @@
 import test from 'ava';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ConfigError, loadConfig, SETTINGS } from '../src/config.js';
+import { ConfigError, configReference, loadConfig, SETTINGS } from '../src/config.js';
 import { REPO_ROOT, tempDir, writeFiles } from './helpers/unit-fixtures.js';
 
 /** Writes a config file into a fresh directory (under sub/ so relative paths are visible). */
@@ -112,6 +112,11 @@ test('every setting has an environment variable that works', (t) => {
     'nomad.address': 'https://nomad.example:4646/', 'nomad.tokenFile': '/etc/t', 'nomad.namespace': 'ns', 'nomad.region': 'eu',
     'nomad.datacenters': 'dc1, dc2', 'nomad.caFile': '/ca', 'nomad.certFile': '/c', 'nomad.keyFile': '/k',
     'nomad.serverName': 'server.global.nomad', 'nomad.startTimeout': '5s',
+    source: 'kubernetes', 'kubernetes.kubeconfig': '/kc', 'kubernetes.namespace': 'polydev-system', 'kubernetes.resync': '1m',
+    'leaderElection.enabled': 'true', 'leaderElection.leaseName': 'polydev', 'leaderElection.identity': 'pod-0',
+    'leaderElection.leaseDuration': '20s', 'leaderElection.renewDeadline': '12s', 'leaderElection.retryPeriod': '3s',
+    'notify.targets': '[{"name":"ops","format":"slack","url":"https://hooks.example/T000/secret"}]',
+    'notify.repeatInterval': '1h', 'notify.evaluationInterval': '5s',
   };
   const env: Record<string, string> = {};
   for (const s of SETTINGS) {
@@ -131,6 +136,14 @@ test('every setting has an environment variable that works', (t) => {
   t.deepEqual(cfg.nomad, {
     address: 'https://nomad.example:4646', tokenFile: '/etc/t', namespace: 'ns', region: 'eu', datacenters: ['dc1', 'dc2'],
     caFile: '/ca', certFile: '/c', keyFile: '/k', serverName: 'server.global.nomad', startTimeoutMs: 5000,
+  });
+  t.is(cfg.source, 'kubernetes');
+  t.deepEqual(cfg.kubernetes, { kubeconfig: '/kc', namespace: 'polydev-system', resyncMs: 60_000 });
+  t.deepEqual(cfg.leaderElection, {
+    enabled: true, leaseName: 'polydev', identity: 'pod-0', leaseDurationMs: 20_000, renewDeadlineMs: 12_000, retryPeriodMs: 3000,
+  });
+  t.deepEqual(cfg.notify, {
+    targets: [{ name: 'ops', format: 'slack', url: 'https://hooks.example/T000/secret' }], repeatIntervalMs: 3_600_000, evaluationIntervalMs: 5000,
   });
   t.true(configError(() => loadConfig(undefined, { POLYDEV_NOMAD_ADDRESS: 'nomad:4646' })).includes('nomad.address: must be'));
   t.true(configError(() => loadConfig(undefined, { POLYDEV_NOMAD_DATACENTERS: ' , ' })).includes('nomad.datacenters: must name at least one'));
@@ -220,4 +233,53 @@ test('the bundled config file loads', (t) => {
   const cfg = loadConfig(file, {});
   t.is(cfg.configFile, file);
   t.true(path.isAbsolute(cfg.database));
+});
+
+test('leader election timings must let a leader give up before a standby takes over', (t) => {
+  const d = loadConfig(undefined, {});
+  t.deepEqual(d.leaderElection, {
+    enabled: false, leaseName: 'polydev-reconciler', identity: undefined, leaseDurationMs: 15_000, renewDeadlineMs: 10_000, retryPeriodMs: 2000,
+  });
+  t.is(d.source, 'files');
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_LEADER_ELECTION_RENEW_DEADLINE: '15s' })), /renewDeadline .* must be shorter than leaderElection.leaseDuration/);
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_LEADER_ELECTION_RETRY_PERIOD: '9s' })), /retryPeriod .* must be well under/);
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_SOURCE: 'etcd' })), /source: must be files or kubernetes/);
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_KUBERNETES_NAMESPACE: 'Bad_NS' })), /kubernetes.namespace: must be a Kubernetes namespace/);
+});
+
+test('notify.targets: a YAML list with url or urlFile; errors name the line and entry and never echo a URL', (t) => {
+  const dir = tempDir(t);
+  fs.writeFileSync(path.join(dir, 'slack-url'), 'https://hooks.slack.example/services/T0/B0/sEcReT\n', { mode: 0o600 });
+  const file = path.join(dir, 'c.yaml');
+  fs.writeFileSync(file, [
+    'notify:',
+    '  targets:',
+    '    - name: pager',
+    '      format: alertmanager',
+    '      url: http://127.0.0.1:9099/hook',
+    '    - name: slack',
+    '      format: slack',
+    '      urlFile: slack-url',
+    '',
+  ].join('\n'));
+  const cfg = loadConfig(file, {});
+  t.deepEqual(cfg.notify.targets, [
+    { name: 'pager', format: 'alertmanager', url: 'http://127.0.0.1:9099/hook' },
+    { name: 'slack', format: 'slack', url: 'https://hooks.slack.example/services/T0/B0/sEcReT' },
+  ]);
+  t.deepEqual(loadConfig(undefined, {}).notify.targets, []);
+
+  fs.writeFileSync(file, 'workers: 2\nnotify:\n  targets:\n    - name: a\n      format: teams\n      url: http://x/\n');
+  t.true(configError(() => loadConfig(file, {})).startsWith(`${file}:3:3: notify.targets: [0]: format: must be alertmanager or slack`));
+  fs.writeFileSync(file, 'notify:\n  targets:\n    - name: a\n      format: slack\n');
+  t.regex(configError(() => loadConfig(file, {})), /\[0\]: needs exactly one of url and urlFile/);
+  const bad = configError(() => loadConfig(undefined, { POLYDEV_NOTIFY_TARGETS: '[{"name":"a","format":"slack","url":"ftp://tok3n@x/"}]' }));
+  t.regex(bad, /environment POLYDEV_NOTIFY_TARGETS: notify.targets: \[0\]: url: must be http/);
+  t.false(bad.includes('tok3n'), 'the URL is not echoed');
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_NOTIFY_TARGETS: 'http://x' })), /must be a JSON list/);
+});
+
+test('the README configuration reference is the one generated from SETTINGS', (t) => {
+  const readme = fs.readFileSync(path.join(REPO_ROOT, 'README.md'), 'utf8');
+  t.true(readme.includes(configReference()), 'regenerate with: npx tsx scripts/config-reference.ts, and paste it under "## Configuration"');
 });
