@@ -12,7 +12,8 @@ import { IptablesDriver, runProcess, findExecutable } from './drivers/iptables.j
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
 import { Manager, type ConvergenceReport } from './runtime/manager.js';
-import { Lease } from './state/lease.js';
+import { Lease, SqliteLeaderElector } from './state/lease.js';
+import { AbortError, type LeaderElector } from './runtime/leader.js';
 import { Store } from './state/store.js';
 
 export interface DaemonOptions {
@@ -23,6 +24,11 @@ export interface DaemonOptions {
   healthTickMs?: number;
   /** Engines to use instead of those the config describes (tests). */
   engines?: EngineFactories;
+  /**
+   * What to do when leadership is lost (another process holds the lease now): by default stop and
+   * exit 1, as controller-runtime does, so a supervisor restarts the process as a clean standby.
+   */
+  onLeadershipLost?: () => void;
 }
 
 /** Reads the API token file; a missing or empty file is a start-up error, never a silent open API. */
@@ -57,7 +63,11 @@ export class Daemon {
   claims!: ClaimService;
   engines!: EngineSet;
   private lease: Lease | undefined;
+  private elector: LeaderElector | undefined;
+  private readonly campaign = new AbortController();
+  private leading: Promise<void> | undefined;
   private watcher: DesiredStateDirWatcher | undefined;
+  private validator: ReturnType<typeof createValidator> | undefined;
   private stopped = false;
 
   constructor(
@@ -78,23 +88,18 @@ export class Daemon {
     const token = readToken(config.apiTokenFile);
     this.store = new Store(config.database, { eventRetention: config.eventRetention });
     try {
-      this.lease = new Lease(this.store, 'daemon', 15_000, () => {
-        // Another process holds the database now: acting on would fight it. Stop, loudly.
-        this.logger.error('lost the database lease to another process; stopping', { database: config.database });
-        void this.stop().finally(() => process.exit(1));
-      });
-      this.lease.acquire();
+      if (config.leaderElection.enabled) {
+        this.elector = this.createElector();
+      } else {
+        this.lease = new Lease(this.store, 'daemon', 15_000, () => this.leadershipLost());
+        this.lease.acquire();
+      }
     } catch (err) {
       this.store.close();
       throw err;
     }
-    this.store.checkpointInBackground({
-      intervalMs: 1000,
-      onError: (message) => logger.warn('background WAL checkpoints stopped; SQLite checkpoints on commit again', { error: message }),
-    });
-    if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
     this.iptables = new IptablesDriver({ backend: config.iptables.backend, ...(config.iptables.netns ? { netns: config.iptables.netns } : {}) });
-    const validator = createValidator();
+    const validator = (this.validator = createValidator());
     const { controllers, warmPools, engines } = createControllers({
       store: this.store,
       iptables: this.iptables,
@@ -128,7 +133,11 @@ export class Daemon {
     this.health = new ProxyHealthChecker(this.store, this.metrics, logger, this.manager.events);
     // Bind the API first: a daemon that cannot serve must fail before it changes anything.
     if (this.options.serveApi ?? true) {
-      this.api = buildApi({ store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, claims: this.claims, token });
+      const elector = this.elector;
+      this.api = buildApi({
+        store: this.store, validator, metrics: this.metrics, logger, manager: this.manager, health: this.health, claims: this.claims, token,
+        ...(elector ? { leadership: { isLeader: () => elector.isLeader(), holder: () => elector.holder() } } : {}),
+      });
       try {
         await this.api.listen({ host: config.listen.host, port: config.listen.port });
       } catch (err) {
@@ -139,11 +148,97 @@ export class Daemon {
         throw new Error(`cannot listen on ${config.listen.host}:${config.listen.port}: ${(err as Error).message}`);
       }
     }
+    if (!this.elector) {
+      this.metrics.leader.set(1);
+      await this.lead();
+      return;
+    }
+    this.metrics.leader.set(0);
+    this.leading = this.runForLeadership(this.elector);
+    // Failures are logged and end the process there; waitLeading still sees them.
+    this.leading.catch(() => undefined);
+    logger.info('polydev-reconciler started as a standby; waiting for the lease', {
+      database: config.database,
+      listen: this.address ?? null,
+      lease: config.leaderElection.leaseName,
+      identity: this.elector.identity,
+      pid: process.pid,
+    });
+  }
+
+  /** Resolves once this daemon leads and has started acting (at once without leader election). */
+  async waitLeading(timeoutMs: number): Promise<void> {
+    if (!this.leading) return;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`not leading after ${timeoutMs} ms`)), timeoutMs);
+    });
+    try {
+      await Promise.race([this.leading, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  isLeader(): boolean {
+    return this.elector ? this.elector.isLeader() : !this.stopped;
+  }
+
+  private createElector(): LeaderElector {
+    const { config, logger } = this;
+    const le = config.leaderElection;
+    return new SqliteLeaderElector(this.store, {
+      name: le.leaseName,
+      ...(le.identity ? { identity: le.identity } : {}),
+      leaseDurationMs: le.leaseDurationMs,
+      renewDeadlineMs: le.renewDeadlineMs,
+      retryPeriodMs: le.retryPeriodMs,
+      onWaiting: (h) =>
+        logger.info('standby: the lease is held by another daemon', {
+          lease: le.leaseName,
+          holder: h.holder,
+          holderPid: h.pid,
+          renewedAgoMs: Math.max(0, Date.now() - h.renewedAt),
+        }),
+    });
+  }
+
+  private async runForLeadership(elector: LeaderElector): Promise<void> {
+    elector.onLost(() => this.leadershipLost());
+    try {
+      await elector.acquire(this.campaign.signal);
+    } catch (err) {
+      if (err instanceof AbortError) return new Promise<void>(() => undefined);
+      this.logger.error('leader election failed; stopping', { error: (err as Error).message });
+      this.leadershipLost();
+      throw err;
+    }
+    this.metrics.leader.set(1);
+    this.metrics.leaderTransitions.inc();
+    this.logger.info('became the leader', { lease: this.config.leaderElection.leaseName, identity: elector.identity });
+    try {
+      await this.lead();
+    } catch (err) {
+      this.logger.error('could not start acting as the leader; stopping', { error: (err as Error).message });
+      this.leadershipLost();
+      throw err;
+    }
+  }
+
+  /** Everything that changes the world: only the leader (or the only daemon) does it. */
+  private async lead(): Promise<void> {
+    const { config, logger } = this;
+    if (this.stopped) return;
+    this.store.checkpointInBackground({
+      intervalMs: 1000,
+      onError: (message) => logger.warn('background WAL checkpoints stopped; SQLite checkpoints on commit again', { error: message }),
+    });
+    if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
     if (config.desiredStateDir) {
       this.watcher = new DesiredStateDirWatcher({
         dir: config.desiredStateDir,
         store: this.store,
-        validator,
+        validator: this.validator!,
         admissions: ADMISSIONS,
         logger,
         metrics: this.metrics,
@@ -166,6 +261,17 @@ export class Daemon {
     });
   }
 
+  /** Another process holds the lease now: acting on would fight it. Stop, loudly. */
+  private leadershipLost(): void {
+    this.metrics.leader.set(0);
+    this.logger.error('lost the lease to another process; stopping', { database: this.config.database, lease: this.config.leaderElection.leaseName });
+    if (this.options.onLeadershipLost) {
+      this.options.onLeadershipLost();
+      return;
+    }
+    void this.stop().finally(() => process.exit(1));
+  }
+
   waitConverged(timeoutMs: number): Promise<ConvergenceReport> {
     return this.manager.waitConverged(timeoutMs);
   }
@@ -175,6 +281,7 @@ export class Daemon {
     if (this.stopped) return;
     this.stopped = true;
     const started = Date.now();
+    this.campaign.abort();
     this.watcher?.stop();
     // Health checks first: an API check waiting on a silent upstream must not hold the close.
     await Promise.all([this.health?.stop(), this.api?.close()]);
@@ -182,6 +289,7 @@ export class Daemon {
     await this.engines?.close();
     this.claims?.flushLatencies();
     this.lease?.release();
+    await this.elector?.release();
     this.store?.close();
     this.logger.info('polydev-reconciler stopped', { tookMs: Date.now() - started, abandoned });
   }

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import Database from 'better-sqlite3';
-import { Lease, LeaseHeldError } from '../src/state/lease.js';
+import { Lease, LeaseHeldError, SqliteLeaderElector } from '../src/state/lease.js';
 import { MIGRATIONS } from '../src/state/migrations.js';
 import { Store } from '../src/state/store.js';
 import type { Change } from '../src/state/types.js';
@@ -455,4 +455,60 @@ test('a holder whose lease was taken over learns it on renew and does not touch 
   a.release();
   const row = store.db.prepare('SELECT holder FROM leases WHERE name = ?').get('daemon') as { holder: string } | undefined;
   t.is(row?.holder, b.holder, "the old holder's release leaves the new holder's lease alone");
+});
+
+test('leader election on the database: one leads, a hung leader is replaced after leaseDuration and learns it lost', async (t) => {
+  const { store, file } = openStore(t);
+  const other = new Store(file);
+  t.teardown(() => other.close());
+  const timings = { leaseDurationMs: 1200, renewDeadlineMs: 800, retryPeriodMs: 100 };
+  const waits: string[] = [];
+  const a = new SqliteLeaderElector(store, { name: 'leader', identity: 'a', ...timings });
+  const b = new SqliteLeaderElector(other, { name: 'leader', identity: 'b', ...timings, onWaiting: (h) => waits.push(h.holder) });
+  let aLost = 0;
+  a.onLost(() => aLost++);
+  const stop = new AbortController();
+  t.teardown(() => stop.abort());
+  await a.acquire(stop.signal);
+  t.true(a.isLeader());
+  let bLeads = false;
+  const bCampaign = b.acquire(stop.signal).then(() => (bLeads = true));
+  await new Promise((r) => setTimeout(r, 1500));
+  t.false(bLeads, 'a renewing leader keeps the lease past leaseDuration');
+  t.deepEqual(waits, ['a'], 'the standby reports whom it waits for, once');
+  t.deepEqual((await b.holder())?.identity, 'a');
+
+  // A hangs: its renewals stop (as a stopped process's would) without releasing.
+  (a as unknown as { lease: { stopRenewing(): void } }).lease.stopRenewing();
+  const hungAt = Date.now();
+  await bCampaign;
+  const waited = Date.now() - hungAt;
+  t.true(b.isLeader());
+  t.true(waited >= 1200 - 300, `B waited out the lease (${waited} ms)`);
+  t.is((await a.holder())?.identity, 'b');
+
+  // A wakes up: its next renewal finds the lease taken and says so once; its release leaves B's lease alone.
+  t.false((a as unknown as { lease: { renew(): boolean } }).lease.renew());
+  t.is(aLost, 1);
+  t.false(a.isLeader());
+  await a.release();
+  t.is((await b.holder())?.identity, 'b');
+
+  // A clean release hands over at the next retry.
+  const c = new SqliteLeaderElector(store, { name: 'leader', identity: 'c', ...timings });
+  const cCampaign = c.acquire(stop.signal);
+  await b.release();
+  const releasedAt = Date.now();
+  await cCampaign;
+  t.true(Date.now() - releasedAt < 1000, 'no need to wait out the lease after a release');
+  await c.release();
+
+  // Abort ends a campaign with an AbortError.
+  await a.acquire(stop.signal);
+  const d = new SqliteLeaderElector(other, { name: 'leader', identity: 'd', ...timings });
+  const ac = new AbortController();
+  const pending = d.acquire(ac.signal);
+  ac.abort();
+  await t.throwsAsync(pending, { name: 'AbortError' });
+  await a.release();
 });

@@ -25,7 +25,15 @@ export interface ApiDeps {
   claims: ClaimService;
   /** The bearer token mutating calls need; undefined refuses every mutating call. */
   token: string | undefined;
+  /** Set under leader election: a standby answers only /healthz, /readyz and /metrics. */
+  leadership?: {
+    isLeader(): boolean;
+    holder(): Promise<{ identity: string; renewedAt: Date } | undefined>;
+  };
 }
+
+/** What a standby still serves: a liveness probe must pass, readiness and metrics must tell the truth. */
+const STANDBY_ROUTES = new Set(['/healthz', '/readyz', '/metrics']);
 
 /** A JSON error with a stable code that clients can switch on. */
 export class ApiError extends Error {
@@ -89,8 +97,29 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
   });
   app.setNotFoundHandler((req, reply) => sendError(reply, new ApiError(404, 'NOT_FOUND', `no route for ${req.method} ${req.url}`)));
 
+  const { leadership } = deps;
+  const standbyError = async (): Promise<ApiError> => {
+    const h = await leadership?.holder().catch(() => undefined);
+    return new ApiError(
+      503,
+      'STANDBY',
+      `this daemon is a standby; ${h ? `the leader is ${h.identity}` : 'no daemon holds the lease right now'}`,
+    );
+  };
+  if (leadership) {
+    app.addHook('onRequest', async (req, reply) => {
+      if (leadership.isLeader() || STANDBY_ROUTES.has(req.url.split('?')[0]!)) return;
+      reply.header('retry-after', '2');
+      return sendError(reply, await standbyError());
+    });
+  }
+
   app.get('/healthz', async () => ({ status: 'ok' }));
   app.get('/readyz', async (_req, reply) => {
+    if (leadership && !leadership.isLeader()) {
+      const err = await standbyError();
+      return reply.code(503).send({ status: 'standby', error: { code: err.code, message: err.message } });
+    }
     if (manager.isReady()) return { status: 'ready' };
     return reply.code(503).send({ status: 'starting', error: { code: 'NOT_READY', message: 'the first full sync is not done yet' } });
   });

@@ -86,10 +86,19 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
     .command('run')
     .description('run the daemon (or, with --once, reconcile everything until converged and exit)')
     .option('--once', 'reconcile until converged or onceTimeout, then exit 0 (converged) or 1 (not)')
+    .option('--source <source>', 'where desired state comes from: files or kubernetes (overrides the config\'s source)')
+    .option('--leader-elect', 'wait as a standby while another daemon holds the lease (overrides leaderElection.enabled)')
     .action(
-      action(async (opts: { once?: boolean }) => {
-        const cfg = config();
-        if (opts.once) return runOnce(cfg, io);
+      action(async (opts: { once?: boolean; source?: string; leaderElect?: boolean }) => {
+        const g = globals();
+        const db = g.db ?? process.env.POLYDEV_DB;
+        const cfg = loadConfig(g.config ?? process.env.POLYDEV_CONFIG, process.env, {
+          ...(db ? { database: db } : {}),
+          ...(opts.source !== undefined ? { source: opts.source } : {}),
+          ...(opts.leaderElect ? { 'leaderElection.enabled': 'true' } : {}),
+        });
+        // A one-shot run never waits for a lease: it acts now or refuses because a daemon is running.
+        if (opts.once) return runOnce({ ...cfg, leaderElection: { ...cfg.leaderElection, enabled: false } }, io);
         return runForever(cfg);
       }),
     );

@@ -14,6 +14,17 @@ export interface ResourceStatusRow {
 export class Metrics {
   readonly registry = new Registry();
 
+  readonly leader = new Gauge({
+    name: 'polydev_leader',
+    help: '1 while this daemon holds the lease and acts, 0 while it waits as a standby.',
+    registers: [this.registry],
+  });
+  readonly leaderTransitions = new Counter({
+    name: 'polydev_leader_transitions_total',
+    help: 'Times this daemon became the leader (more than 1 in a process never happens: a lost lease ends it).',
+    registers: [this.registry],
+  });
+
   readonly reconcileTotal = new Counter({
     name: 'polydev_reconcile_total',
     help: 'Reconciles by kind and result (success, error, requeue).',
@@ -234,6 +245,19 @@ export class Metrics {
     name: 'polydev_engine_operations_total',
     help: 'Calls to a container engine by engine, operation (list, start, remove, inject, recycle, update) and result (success, error).',
     labelNames: ['engine', 'op', 'result'] as const,
+    registers: [this.registry],
+  });
+  // The built-in notifier (src/notify/): target is the configured name, never the URL (it may hold a token).
+  readonly notificationsTotal = new Counter({
+    name: 'polydev_notifications_total',
+    help: 'Alert notices (one alert, firing or resolved) to a webhook target by format and status: sent, failed (an attempt that will be retried or dropped), dropped (given up).',
+    labelNames: ['target', 'format', 'status'] as const,
+    registers: [this.registry],
+  });
+  readonly notificationsPending = new Gauge({
+    name: 'polydev_notifications_pending',
+    help: 'Alert notices waiting to be delivered to a webhook target (including those waiting out a retry backoff).',
+    labelNames: ['target'] as const,
     registers: [this.registry],
   });
   readonly up = new Gauge({

@@ -1,0 +1,184 @@
+// Standby on one host: two real daemon processes on one SQLite database with leader election.
+// One leads; the other answers only /healthz, /readyz (503) and /metrics. When the leader is
+// killed with SIGKILL the standby takes over within 15 s and adopts what the leader made: the
+// same warm containers (never more than the pool's size), the same ports, each iptables rule once.
+
+import anyTest, { type TestFn } from 'ava';
+import path from 'node:path';
+import { LABELS } from '../src/controllers/warmpool/engine.js';
+import { installationId, listMembers } from '../src/state/pools.js';
+import { Store } from '../src/state/store.js';
+import { startDockerd, type Dockerd } from './helpers/dockerd.js';
+import {
+  BIN,
+  EXAMPLE_USERS,
+  TOKEN,
+  e2eEnv,
+  logLines,
+  manifest,
+  metricValue,
+  saveNat,
+  sleep,
+  spawnChild,
+  userRules,
+  waitFor,
+  type Child,
+} from './helpers/e2e-env.js';
+import { poolsYaml } from './helpers/warmpool-env.js';
+
+const test = anyTest as TestFn<{ dockerd: Dockerd }>;
+
+test.before(async (t) => {
+  t.context.dockerd = await startDockerd({ name: 'standby' });
+});
+test.after.always(async (t) => {
+  await t.context.dockerd?.stop();
+});
+
+async function owned(dockerd: Dockerd, owner: string): Promise<Array<{ Id: string; State: string }>> {
+  const filters = encodeURIComponent(JSON.stringify({ label: [`${LABELS.owner}=${owner}`] }));
+  return (await dockerd.request('GET', `/containers/json?all=1&filters=${filters}`)).json as Array<{ Id: string; State: string }>;
+}
+
+/** The API address a daemon logged, whichever role it started in. */
+async function waitListening(c: Child): Promise<string> {
+  return waitFor(`daemon pid ${c.pid} to log its address`, () => {
+    if (!c.running()) throw new Error(`daemon exited early: ${c.stderr().slice(-2000)} ${c.stdout().slice(-2000)}`);
+    const line = logLines(c.stdout()).find((l) => typeof l.message === 'string' && l.message.startsWith('polydev-reconciler started') && l.listen);
+    return line ? String(line.listen) : undefined;
+  }, 30_000, 100);
+}
+
+async function get(url: string): Promise<{ status: number; body: Record<string, unknown> | string }> {
+  const r = await fetch(url, { signal: AbortSignal.timeout(3000) });
+  const text = await r.text();
+  try {
+    return { status: r.status, body: JSON.parse(text) as Record<string, unknown> };
+  } catch {
+    return { status: r.status, body: text };
+  }
+}
+
+test.serial('kill -9 of the leader: the standby takes over within 15 s and adopts containers, ports and rules', async (t) => {
+  const { dockerd } = t.context;
+  const env = await e2eEnv(t);
+  const cfg = env.writeConfig({
+    desiredStateDir: env.desiredDir,
+    apiTokenFile: env.tokenFile,
+    logLevel: 'info',
+    resyncInterval: '2s',
+    docker: { socket: dockerd.socketPath, network: 'none' },
+    process: { runDir: path.join(env.dir, 'run') },
+    // The shipped timings (lease 15 s, renew deadline 10 s, retry 2 s): the test checks what operators get.
+    leaderElection: { enabled: true },
+  });
+  env.writeDesired('pools.yaml', poolsYaml([{ name: 'hot', image: dockerd.image, size: 3, maxSize: 3 }]));
+  env.writeDesired('proxy.yaml', manifest({}, EXAMPLE_USERS));
+  const owner = (() => {
+    const s = new Store(env.db);
+    try {
+      return installationId(s);
+    } finally {
+      s.close();
+    }
+  })();
+  const run = (): Child => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env.childEnv());
+
+  let maxSeen = 0;
+  let sampling = true;
+  const sampler = (async () => {
+    for (let i = 0; sampling && i < 20_000; i++) {
+      maxSeen = Math.max(maxSeen, (await owned(dockerd, owner)).length);
+      await sleep(25);
+    }
+  })();
+  t.teardown(() => {
+    sampling = false;
+  });
+
+  const a = run();
+  const aBase = await waitListening(a);
+  await waitFor('A leads', () => logLines(a.stdout()).some((l) => l.message === 'became the leader'), 30_000, 100);
+  const b = run();
+  const bBase = await waitListening(b);
+  t.true(logLines(b.stdout()).some((l) => l.message === 'polydev-reconciler started as a standby; waiting for the lease'));
+
+  // Everything converged under A.
+  await waitFor('A converged', async () => (await get(`${aBase}/readyz`)).status === 200, 60_000, 200);
+  await waitFor('3 warm containers', async () => {
+    const list = await owned(dockerd, owner);
+    return list.length === 3 && list.every((c) => c.State === 'running');
+  }, 90_000, 200);
+  const rulesBefore = await waitFor('a rule per user', async () => {
+    const rules = userRules(await saveNat(env.ns));
+    return rules.length === EXAMPLE_USERS.length ? rules : undefined;
+  }, 30_000, 200);
+  const containersBefore = (await owned(dockerd, owner)).map((c) => c.Id).sort();
+  const portsBefore = await (async () => {
+    const s = new Store(env.db, { readonly: true });
+    try {
+      return s.listResources('ProxyPort').map((r) => `${r.metadata.name}:${String((r.status as { port?: number } | undefined)?.port)}`).sort();
+    } finally {
+      s.close();
+    }
+  })();
+  t.is(portsBefore.length, EXAMPLE_USERS.length);
+  t.false(portsBefore.some((p) => p.endsWith(':undefined')), `every user has a port: ${portsBefore.join(', ')}`);
+
+  // B is a standby: alive, not ready, not serving the API, and says so in its metrics.
+  t.is((await get(`${bBase}/healthz`)).status, 200);
+  const bReady = await get(`${bBase}/readyz`);
+  t.is(bReady.status, 503);
+  t.is((bReady.body as { status: string }).status, 'standby');
+  const bApi = await get(`${bBase}/api/v1/pools/hot/stats`);
+  t.is(bApi.status, 503);
+  t.is((bApi.body as { error: { code: string } }).error.code, 'STANDBY');
+  t.regex((bApi.body as { error: { message: string } }).error.message, /the leader is /);
+  t.is(metricValue((await get(`${bBase}/metrics`)).body as string, 'polydev_leader'), 0);
+  t.is(metricValue((await get(`${aBase}/metrics`)).body as string, 'polydev_leader'), 1);
+
+  // The leader dies without a word.
+  const killedAt = Date.now();
+  await a.kill();
+  await waitFor('B leads', () => logLines(b.stdout()).some((l) => l.message === 'became the leader'), 15_000, 50);
+  const tookOverMs = Date.now() - killedAt;
+  t.true(tookOverMs < 15_000, `took over after ${tookOverMs} ms`);
+  t.log(`standby took over ${tookOverMs} ms after kill -9`);
+  await waitFor('B ready', async () => (await get(`${bBase}/readyz`)).status === 200, 30_000, 100);
+  t.is(metricValue((await get(`${bBase}/metrics`)).body as string, 'polydev_leader'), 1);
+
+  // A full resync or two under B, then nothing was redone: the same containers, ports and rules.
+  await sleep(5000);
+  const stats = await get(`${bBase}/api/v1/pools/hot/stats`);
+  t.is(stats.status, 200);
+  t.is((stats.body as { warm: number }).warm, 3);
+  sampling = false;
+  await sampler;
+  t.deepEqual((await owned(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'B adopted the same containers');
+  t.true(maxSeen <= 3, `saw ${maxSeen} containers of a pool of 3`);
+  const rulesAfter = userRules(await saveNat(env.ns));
+  t.deepEqual(rulesAfter.sort(), [...rulesBefore].sort(), 'the same rules, each once');
+  t.is(new Set(rulesAfter).size, rulesAfter.length);
+
+  // A comes back: it is the standby now.
+  const a2 = run();
+  const a2Base = await waitListening(a2);
+  t.is((await get(`${a2Base}/readyz`)).status, 503);
+  t.false(logLines(a2.stdout()).some((l) => l.message === 'became the leader'));
+
+  process.kill(b.pid, 'SIGTERM');
+  t.is((await b.exited).code, 0, b.stderr().slice(-2000));
+  // A clean stop releases the lease: the standby takes over at its next retry, not after 15 s.
+  const releasedAt = Date.now();
+  await waitFor('A leads again', () => logLines(a2.stdout()).some((l) => l.message === 'became the leader'), 10_000, 50);
+  t.log(`after a clean stop the standby led ${Date.now() - releasedAt} ms later`);
+  process.kill(a2.pid, 'SIGTERM');
+  t.is((await a2.exited).code, 0);
+
+  const s = new Store(env.db, { readonly: true });
+  t.teardown(() => s.close());
+  const portsAfter = s.listResources('ProxyPort').map((r) => `${r.metadata.name}:${String((r.status as { port?: number } | undefined)?.port)}`).sort();
+  t.deepEqual(portsAfter, portsBefore, 'every user kept its port');
+  t.deepEqual(listMembers(s).map((m) => m.containerId).sort(), containersBefore);
+  void TOKEN;
+});
