@@ -316,9 +316,10 @@ export class IptablesDriver {
         await writeFile('/proc/sys/net/ipv4/ip_forward', `${v}\n`);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        // The file is root's; CAP_NET_ADMIN alone does not open it (non-root systemd unit, container).
+        // Net sysctls grant CAP_NET_ADMIN root's access, so the systemd unit can write it; Docker's
+        // read-only /proc/sys and a unit without ReadWritePaths= for it cannot.
         throw new Error(
-          `cannot set net.ipv4.ip_forward=${v} (${code ?? 'error'}): run as root, or set it on the host ` +
+          `cannot set net.ipv4.ip_forward=${v} (${code ?? 'error'}): give the daemon CAP_NET_ADMIN and a writable /proc/sys/net/ipv4/ip_forward, or set it on the host ` +
             `(/etc/sysctl.d) and keep it there, or set the ProxyPool's ipForward: false`,
         );
       }
