@@ -120,6 +120,7 @@ export class Daemon {
       workers: config.workers,
       resyncIntervalMs: config.resyncIntervalMs,
     });
+    this.metrics.reportStoreStateWhen(() => this.isLeader());
     this.metrics.countResourcesWith(() => (this.store.db.open ? this.store.phaseCounts() : []));
     this.metrics.countPoolMembersWith(() => (this.store.db.open ? memberCountsByPool(this.store) : []));
     this.claims = new ClaimService({

@@ -134,7 +134,10 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   t.is(bApi.status, 503);
   t.is((bApi.body as { error: { code: string } }).error.code, 'STANDBY');
   t.regex((bApi.body as { error: { message: string } }).error.message, /the leader is /);
-  t.is(metricValue((await get(`${bBase}/metrics`)).body as string, 'polydev_leader'), 0);
+  const bMetrics = (await get(`${bBase}/metrics`)).body as string;
+  t.is(metricValue(bMetrics, 'polydev_leader'), 0);
+  t.false(/^polydev_resource_phase\{/m.test(bMetrics), 'a standby does not export the leader\'s resources a second time');
+  t.regex((await get(`${aBase}/metrics`)).body as string, /^polydev_resource_phase\{kind="WarmPool",name="hot"/m);
   t.is(metricValue((await get(`${aBase}/metrics`)).body as string, 'polydev_leader'), 1);
 
   // The leader dies without a word.

@@ -19,6 +19,15 @@ export class Metrics {
     help: '1 while this daemon holds the lease and acts, 0 while it waits as a standby.',
     registers: [this.registry],
   });
+  private storeGate: () => boolean = () => true;
+
+  /**
+   * The store-derived series (resources, pools) only while gate() holds: a standby reading the
+   * leader's database must not export the same resources again, or every alert would fire twice.
+   */
+  reportStoreStateWhen(gate: () => boolean): void {
+    this.storeGate = gate;
+  }
   readonly leaderTransitions = new Counter({
     name: 'polydev_leader_transitions_total',
     help: 'Times this daemon became the leader (more than 1 in a process never happens: a lost lease ends it).',
@@ -89,6 +98,7 @@ export class Metrics {
   private collectResources(): void {
     if (!this.resourceCounter) return;
     this.resources.reset();
+    if (!this.storeGate()) return;
     for (const { kind, phase, n } of this.resourceCounter()) this.resources.set({ kind, phase }, n);
   }
   /**
@@ -118,7 +128,7 @@ export class Metrics {
 
   private collectResourceStatus(which: 'phase' | 'ready'): void {
     if (!this.resourceStatusSource) return;
-    const rows = this.resourceStatusSource();
+    const rows = this.storeGate() ? this.resourceStatusSource() : [];
     if (which === 'phase') {
       this.resourcePhase.reset();
       for (const r of rows) this.resourcePhase.set({ kind: r.kind, name: r.name, phase: r.phase }, 1);
@@ -174,6 +184,7 @@ export class Metrics {
   private collectPoolMembers(): void {
     if (!this.poolMemberCounter) return;
     this.warmPoolContainers.reset();
+    if (!this.storeGate()) return;
     for (const { pool, state, n } of this.poolMemberCounter()) this.warmPoolContainers.set({ pool, state }, n);
   }
   /** Read from the store when scraped (see sizeWarmPoolsWith). */
@@ -201,6 +212,7 @@ export class Metrics {
     if (!this.poolSizeSource) return;
     const gauge = which === 'size' ? this.warmPoolDesired : this.warmPoolMax;
     gauge.reset();
+    if (!this.storeGate()) return;
     for (const p of this.poolSizeSource()) gauge.set({ pool: p.pool }, p[which]);
   }
   readonly claimsTotal = new Counter({
