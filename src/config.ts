@@ -8,6 +8,7 @@ export interface Config {
   /** The config file this came from, if any. */
   configFile: string | undefined;
   database: string;
+  installationId: string | undefined;
   desiredStateDir: string | undefined;
   listen: { host: string; port: number };
   apiTokenFile: string | undefined;
@@ -80,6 +81,7 @@ interface Setting {
 /** Every setting, its default and its environment variable: the README's reference is generated from this table. */
 export const SETTINGS: readonly Setting[] = [
   { key: 'database', env: 'POLYDEV_DATABASE', kind: 'path', default: 'var/polydev.db', help: 'SQLite file: desired state, status, events, allocations, snapshots. Created with mode 0600. (`--db` / `POLYDEV_DB` override it for one command.)' },
+  { key: 'installationId', env: 'POLYDEV_INSTALLATION_ID', kind: 'string', default: undefined, help: 'The owner id in the labels and Nomad job names of everything this daemon creates (it finds its own things by it after a restart). Unset: a random id made with the database. Set the same id on daemons with separate databases that take over from each other (Kubernetes replicas), so a new leader adopts the old one\'s warm containers.' },
   { key: 'desiredStateDir', env: 'POLYDEV_DESIRED_STATE_DIR', kind: 'path', default: undefined, help: 'Directory of desired-state YAML that the daemon watches and applies (all or nothing, with prune). Unset: only `apply` and the API change desired state.' },
   { key: 'listen', env: 'POLYDEV_LISTEN', kind: 'listen', default: '127.0.0.1:9470', help: 'Address of the HTTP API, /metrics, /healthz and /readyz.' },
   { key: 'apiTokenFile', env: 'POLYDEV_API_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the bearer token that mutating API calls need (at least 16 characters). Unset: mutating calls are refused (403).' },
@@ -146,6 +148,7 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
     case 'string':
       if (s.key === 'iptables.netns' && !NETNS_NAME.test(text)) return fail('must be a namespace name of [A-Za-z0-9_.-], at most 32');
       if (s.key === 'docker.network' && !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(text)) return fail('must be a Docker network name');
+      if (s.key === 'installationId' && !/^[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?$/.test(text)) return fail('must be 1-24 characters of [a-z0-9-] (it is part of container and Nomad job names)');
       if (s.key === 'kubernetes.namespace' && !/^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/.test(text)) return fail('must be a Kubernetes namespace name (RFC 1123 label)');
       if (s.key === 'leaderElection.leaseName' && !/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(text)) return fail('must be a Kubernetes object name (RFC 1123 subdomain)');
       if (s.key === 'leaderElection.identity' && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/.test(text)) return fail('must be a name of [A-Za-z0-9_.:-], at most 128');
@@ -335,6 +338,7 @@ export function loadConfig(
   return {
     configFile,
     database: get<string>('database'),
+    installationId: get<string | undefined>('installationId'),
     desiredStateDir: get<string | undefined>('desiredStateDir'),
     listen: get<{ host: string; port: number }>('listen'),
     apiTokenFile: get<string | undefined>('apiTokenFile'),

@@ -6,13 +6,14 @@ import { ProxyHealthChecker } from './controllers/proxyport/health.js';
 import { ADMISSIONS, createControllers, createValidator } from './controllers/registry.js';
 import { ClaimService } from './controllers/warmpool/claims.js';
 import type { EngineFactories, EngineSet } from './controllers/warmpool/engines.js';
-import { memberCountsByPool } from './state/pools.js';
+import { memberCountsByPool, setInstallationId } from './state/pools.js';
 import { DesiredStateDirWatcher } from './desired/dir-watcher.js';
 import { IptablesDriver, runProcess, findExecutable } from './drivers/iptables.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
 import { Manager, type ConvergenceReport } from './runtime/manager.js';
 import { Lease, SqliteLeaderElector } from './state/lease.js';
+import { Notifier } from './notify/notifier.js';
 import { AbortError, type LeaderElector } from './runtime/leader.js';
 import { Store } from './state/store.js';
 
@@ -67,6 +68,7 @@ export class Daemon {
   private readonly campaign = new AbortController();
   private leading: Promise<void> | undefined;
   private watcher: DesiredStateDirWatcher | undefined;
+  private notifier: Notifier | undefined;
   private validator: ReturnType<typeof createValidator> | undefined;
   private stopped = false;
 
@@ -97,6 +99,16 @@ export class Daemon {
     } catch (err) {
       this.store.close();
       throw err;
+    }
+    if (config.installationId) {
+      const before = setInstallationId(this.store, config.installationId);
+      if (before !== undefined) {
+        const members = memberCountsByPool(this.store).reduce((n, r) => n + r.n, 0);
+        const meta = { installationId: config.installationId, previous: before, membersUnderPreviousId: members };
+        // Containers labelled with the previous id are not this daemon's any more: worth a warning.
+        if (members > 0) logger.warn('installation id changed by the config; containers of the previous id are no longer adopted', meta);
+        else logger.info('installation id set from the config', meta);
+      }
     }
     this.iptables = new IptablesDriver({ backend: config.iptables.backend, ...(config.iptables.netns ? { netns: config.iptables.netns } : {}) });
     const validator = (this.validator = createValidator());
@@ -252,12 +264,27 @@ export class Daemon {
     }
     this.manager.start();
     this.health.start(this.options.healthTickMs ?? 1000);
+    if (config.notify.targets.length > 0) {
+      // Leader only: its delivery state is in the shared database, and a standby has nothing to report.
+      this.notifier = new Notifier({
+        store: this.store,
+        logger,
+        metrics: this.metrics,
+        targets: config.notify.targets,
+        evaluationIntervalMs: config.notify.evaluationIntervalMs,
+        repeatIntervalMs: config.notify.repeatIntervalMs,
+        isReady: () => this.manager.isReady(),
+        ...(this.address ? { externalURL: this.address } : {}),
+      });
+      this.notifier.start();
+    }
     logger.info('polydev-reconciler started', {
       database: config.database,
       desiredStateDir: config.desiredStateDir ?? null,
       listen: this.address ?? null,
       iptablesBackend: config.iptables.backend,
       netns: config.iptables.netns ?? null,
+      notifyTargets: config.notify.targets.map((t) => t.name),
       pid: process.pid,
     });
   }
@@ -285,7 +312,7 @@ export class Daemon {
     this.campaign.abort();
     this.watcher?.stop();
     // Health checks first: an API check waiting on a silent upstream must not hold the close.
-    await Promise.all([this.health?.stop(), this.api?.close()]);
+    await Promise.all([this.health?.stop(), this.api?.close(), this.notifier?.stop()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
     await this.engines?.close();
     this.claims?.flushLatencies();

@@ -156,6 +156,44 @@ ALTER TABLE pool_members ADD COLUMN ports TEXT;
 ALTER TABLE claims ADD COLUMN ports TEXT;
 `,
   },
+  {
+    version: 4,
+    name: 'built-in notifier',
+    sql: `
+-- Alerts the built-in notifier has seen active (pending or firing), by Alertmanager fingerprint.
+-- active_at survives a restart so 'for' does not start over; a cleared alert that fired keeps
+-- its row (resolved_at set) until every target that may have heard of it got the resolve.
+CREATE TABLE notify_alerts (
+  fingerprint TEXT PRIMARY KEY,
+  alertname TEXT NOT NULL,
+  labels TEXT NOT NULL,
+  annotations TEXT NOT NULL,
+  active_at INTEGER NOT NULL,
+  starts_at INTEGER NOT NULL,
+  firing INTEGER NOT NULL,
+  resolved_at INTEGER
+) WITHOUT ROWID;
+
+-- What each webhook target is owed about each alert. notified: a firing notice may have reached
+-- it (set before the first attempt: a timed-out request may still have arrived), so a resolve is
+-- owed when the alert clears. due: a notice (status) is waiting to be sent at next_attempt_at.
+CREATE TABLE notify_deliveries (
+  target TEXT NOT NULL,
+  fingerprint TEXT NOT NULL REFERENCES notify_alerts (fingerprint) ON DELETE CASCADE,
+  status TEXT NOT NULL CHECK (status IN ('firing', 'resolved')),
+  notified INTEGER NOT NULL DEFAULT 0,
+  due INTEGER NOT NULL,
+  sent_at INTEGER,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  first_attempt_at INTEGER,
+  next_attempt_at INTEGER NOT NULL,
+  last_error TEXT,
+  PRIMARY KEY (target, fingerprint)
+) WITHOUT ROWID;
+CREATE INDEX notify_deliveries_due ON notify_deliveries (target, next_attempt_at) WHERE due = 1;
+CREATE INDEX notify_deliveries_by_alert ON notify_deliveries (fingerprint);
+`,
+  },
 ];
 
 export function migrate(db: Database.Database): number {

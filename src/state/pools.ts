@@ -142,6 +142,19 @@ export class ClaimError extends Error {
 }
 
 /** The id that marks this database's containers in shared engines (LABELS.owner). */
+/**
+ * Makes the configured id this database's owner id. Returns the previous id when it differed
+ * (what that id labelled is no longer this daemon's: the caller says so loudly).
+ */
+export function setInstallationId(store: Store, id: string): string | undefined {
+  return store.transaction(() => {
+    const before = installationId(store);
+    if (before === id) return undefined;
+    store.stmt(`UPDATE meta SET value = ? WHERE key = 'installation_id'`).run(id);
+    return before;
+  });
+}
+
 export function installationId(store: Store): string {
   const row = store.stmt(`SELECT value FROM meta WHERE key = 'installation_id'`).get() as { value: string } | undefined;
   if (!row) throw new Error(`${store.file}: the meta table has no installation_id`);
