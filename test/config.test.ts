@@ -104,7 +104,7 @@ test('environment variables override the file; command-line overrides win over b
 
 test('every setting has an environment variable that works', (t) => {
   const values: Record<string, string> = {
-    database: 'a.db', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error',
+    database: 'a.db', installationId: 'pod-owner-1', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error',
     resyncInterval: '2s', workers: '9', applyDebounce: '1s', maxPrune: '1', eventRetention: '1',
     shutdownTimeout: '1s', onceTimeout: '1h', 'iptables.backend': 'legacy', 'iptables.netns': 'ns1', 'iptables.createNetns': 'true',
     'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'warmPools.parallelism': '3',
@@ -137,6 +137,8 @@ test('every setting has an environment variable that works', (t) => {
     address: 'https://nomad.example:4646', tokenFile: '/etc/t', namespace: 'ns', region: 'eu', datacenters: ['dc1', 'dc2'],
     caFile: '/ca', certFile: '/c', keyFile: '/k', serverName: 'server.global.nomad', startTimeoutMs: 5000,
   });
+  t.is(cfg.installationId, 'pod-owner-1');
+  t.regex(configError(() => loadConfig(undefined, { POLYDEV_INSTALLATION_ID: 'Has Spaces' })), /installationId: must be 1-24 characters/);
   t.is(cfg.source, 'kubernetes');
   t.deepEqual(cfg.kubernetes, { kubeconfig: '/kc', namespace: 'polydev-system', resyncMs: 60_000 });
   t.deepEqual(cfg.leaderElection, {

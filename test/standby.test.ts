@@ -71,17 +71,12 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
     process: { runDir: path.join(env.dir, 'run') },
     // The shipped timings (lease 15 s, renew deadline 10 s, retry 2 s): the test checks what operators get.
     leaderElection: { enabled: true },
+    installationId: 'standby-pair',
   });
   env.writeDesired('pools.yaml', poolsYaml([{ name: 'hot', image: dockerd.image, size: 3, maxSize: 3 }]));
   env.writeDesired('proxy.yaml', manifest({}, EXAMPLE_USERS));
-  const owner = (() => {
-    const s = new Store(env.db);
-    try {
-      return installationId(s);
-    } finally {
-      s.close();
-    }
-  })();
+  // The configured owner id: what the containers are labelled with (and found by) whichever daemon leads.
+  const owner = 'standby-pair';
   const run = (): Child => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env.childEnv());
 
   let maxSeen = 0;
@@ -183,5 +178,6 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   const portsAfter = s.listResources('ProxyPort').map((r) => `${r.metadata.name}:${String((r.status as { port?: number } | undefined)?.port)}`).sort();
   t.deepEqual(portsAfter, portsBefore, 'every user kept its port');
   t.deepEqual(listMembers(s).map((m) => m.containerId).sort(), containersBefore);
+  t.is(installationId(s), owner);
   void TOKEN;
 });
