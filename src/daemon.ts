@@ -14,6 +14,10 @@ import { Metrics } from './observability/metrics.js';
 import { Manager, type ConvergenceReport } from './runtime/manager.js';
 import { Lease, SqliteLeaderElector } from './state/lease.js';
 import { Notifier } from './notify/notifier.js';
+import { KubernetesClient, resolveNamespace } from './drivers/kubernetes.js';
+import { KubernetesSource } from './desired/kubernetes-source.js';
+import { KubernetesStatusWriter } from './desired/kubernetes-status.js';
+import { KubernetesLeaseElector } from './runtime/kubernetes-lease.js';
 import { AbortError, type LeaderElector } from './runtime/leader.js';
 import { Store } from './state/store.js';
 
@@ -69,6 +73,9 @@ export class Daemon {
   private leading: Promise<void> | undefined;
   private watcher: DesiredStateDirWatcher | undefined;
   private notifier: Notifier | undefined;
+  private kube: { client: KubernetesClient; namespace: string } | undefined;
+  private kubeSource: KubernetesSource | undefined;
+  private statusWriter: KubernetesStatusWriter | undefined;
   private validator: ReturnType<typeof createValidator> | undefined;
   private stopped = false;
 
@@ -90,6 +97,10 @@ export class Daemon {
     const token = readToken(config.apiTokenFile);
     this.store = new Store(config.database, { eventRetention: config.eventRetention });
     try {
+      if (config.source === 'kubernetes') {
+        const client = KubernetesClient.fromSettings(config.kubernetes);
+        this.kube = { client, namespace: resolveNamespace(config.kubernetes, { kubeConfig: client.kubeConfig }) };
+      }
       if (config.leaderElection.enabled) {
         this.elector = this.createElector();
       } else {
@@ -161,9 +172,19 @@ export class Daemon {
         throw new Error(`cannot listen on ${config.listen.host}:${config.listen.port}: ${(err as Error).message}`);
       }
     }
-    if (!this.elector) {
+    if (!this.elector && !this.kube) {
       this.metrics.leader.set(1);
       await this.lead();
+      return;
+    }
+    if (!this.elector) {
+      // The first list of the custom resources waits for the API server: start() must not (signals, /healthz).
+      this.metrics.leader.set(1);
+      this.leading = this.lead().catch((err: Error) => {
+        this.fatal('could not start: the custom resources could not be read; stopping', { error: err.message });
+        throw err;
+      });
+      this.leading.catch(() => undefined);
       return;
     }
     this.metrics.leader.set(0);
@@ -200,6 +221,17 @@ export class Daemon {
   private createElector(): LeaderElector {
     const { config, logger } = this;
     const le = config.leaderElection;
+    if (this.kube) {
+      // Each replica has a database of its own: the lease must live where all of them see it.
+      return new KubernetesLeaseElector({
+        client: this.kube.client,
+        namespace: this.kube.namespace,
+        name: le.leaseName,
+        ...(le.identity ? { identity: le.identity } : {}),
+        timings: le,
+        logger,
+      });
+    }
     return new SqliteLeaderElector(this.store, {
       name: le.leaseName,
       ...(le.identity ? { identity: le.identity } : {}),
@@ -222,8 +254,7 @@ export class Daemon {
       await elector.acquire(this.campaign.signal);
     } catch (err) {
       if (err instanceof AbortError) return new Promise<void>(() => undefined);
-      this.logger.error('leader election failed; stopping', { error: (err as Error).message });
-      this.leadershipLost();
+      this.fatal('leader election failed; stopping', { error: (err as Error).message });
       throw err;
     }
     this.metrics.leader.set(1);
@@ -232,8 +263,7 @@ export class Daemon {
     try {
       await this.lead();
     } catch (err) {
-      this.logger.error('could not start acting as the leader; stopping', { error: (err as Error).message });
-      this.leadershipLost();
+      this.fatal('could not start acting as the leader; stopping', { error: (err as Error).message });
       throw err;
     }
   }
@@ -247,7 +277,31 @@ export class Daemon {
       onError: (message) => logger.warn('background WAL checkpoints stopped; SQLite checkpoints on commit again', { error: message }),
     });
     if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
-    if (config.desiredStateDir) {
+    if (this.kube) {
+      if (config.desiredStateDir) logger.warn('desiredStateDir is ignored: source is kubernetes', { desiredStateDir: config.desiredStateDir });
+      this.kubeSource = new KubernetesSource({
+        client: this.kube.client,
+        store: this.store,
+        validator: this.validator!,
+        admissions: ADMISSIONS,
+        logger,
+        metrics: this.metrics,
+        recorder: this.manager.events,
+        namespace: this.kube.namespace,
+        resyncMs: config.kubernetes.resyncMs,
+      });
+      // The first sync must see every custom resource: reconciling a partial list would prune the rest.
+      await this.kubeSource.start();
+      if (this.stopped) return;
+      this.statusWriter = new KubernetesStatusWriter({
+        client: this.kube.client,
+        store: this.store,
+        logger,
+        namespace: this.kube.namespace,
+        source: this.kubeSource,
+      });
+      this.statusWriter.start();
+    } else if (config.desiredStateDir) {
       this.watcher = new DesiredStateDirWatcher({
         dir: config.desiredStateDir,
         store: this.store,
@@ -280,7 +334,8 @@ export class Daemon {
     }
     logger.info('polydev-reconciler started', {
       database: config.database,
-      desiredStateDir: config.desiredStateDir ?? null,
+      source: config.source,
+      ...(this.kube ? { kubernetesNamespace: this.kube.namespace } : { desiredStateDir: config.desiredStateDir ?? null }),
       listen: this.address ?? null,
       iptablesBackend: config.iptables.backend,
       netns: config.iptables.netns ?? null,
@@ -291,8 +346,14 @@ export class Daemon {
 
   /** Another process holds the lease now: acting on would fight it. Stop, loudly. */
   private leadershipLost(): void {
+    this.fatal('lost the lease to another process; stopping', { database: this.config.database, lease: this.config.leaderElection.leaseName });
+  }
+
+  /** This daemon must not act any more: stop and exit 1 (a supervisor restarts it, as a standby if others lead). */
+  private fatal(message: string, meta: Record<string, unknown>): void {
+    if (this.stopped) return;
     this.metrics.leader.set(0);
-    this.logger.error('lost the lease to another process; stopping', { database: this.config.database, lease: this.config.leaderElection.leaseName });
+    this.logger.error(message, meta);
     if (this.options.onLeadershipLost) {
       this.options.onLeadershipLost();
       return;
@@ -311,10 +372,13 @@ export class Daemon {
     const started = Date.now();
     this.campaign.abort();
     this.watcher?.stop();
+    await this.kubeSource?.stop();
     // Health checks first: an API check waiting on a silent upstream must not hold the close.
     await Promise.all([this.health?.stop(), this.api?.close(), this.notifier?.stop()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
     await this.engines?.close();
+    // After the manager: the last status writes of the stopping reconciles still reach the cluster.
+    await this.statusWriter?.stop();
     this.claims?.flushLatencies();
     this.lease?.release();
     await this.elector?.release();

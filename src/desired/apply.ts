@@ -20,6 +20,11 @@ export interface AdmittedResource {
   kind: string;
   name: string;
   spec: JsonObject;
+  /**
+   * The status the resource carries elsewhere (a Kubernetes custom resource's, written by an
+   * earlier leader with a database of its own): allocations it names are kept where they are free.
+   */
+  recordedStatus?: JsonObject;
 }
 
 export class AdmissionError extends Error {

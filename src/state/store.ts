@@ -74,6 +74,8 @@ export class Store extends EventEmitter {
   private readonly eventRetention: number;
   private readonly changeRetention: number;
   private pending: Change[] = [];
+  /** Status writes of the open transaction, announced as 'status' after commit (the Kubernetes status writer listens). */
+  private pendingStatus: Array<{ kind: string; name: string }> = [];
   private txDepth = 0;
   private eventInserts = 0;
 
@@ -142,6 +144,7 @@ export class Store extends EventEmitter {
     this.txDepth++;
     // Changes recorded by this (possibly nested) transaction start here; a rollback drops them.
     const mark = this.pending.length;
+    const statusMark = this.pendingStatus.length;
     try {
       // IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading a read lock.
       const result = this.db.transaction(fn).immediate();
@@ -151,6 +154,7 @@ export class Store extends EventEmitter {
     } catch (err) {
       this.txDepth--;
       this.pending.length = mark;
+      this.pendingStatus.length = statusMark;
       throw err;
     }
   }
@@ -159,6 +163,10 @@ export class Store extends EventEmitter {
     const changes = this.pending;
     this.pending = [];
     for (const c of changes) this.emit('change', c);
+    // Not a 'change': the manager requeues on changes, and must not on its own status writes.
+    const statuses = this.pendingStatus;
+    this.pendingStatus = [];
+    for (const st of statuses) this.emit('status', st);
   }
 
   private recordChange(kind: string, name: string, op: Change['op']): number {
@@ -309,6 +317,10 @@ export class Store extends EventEmitter {
            updated_at = excluded.updated_at WHERE status.body != excluded.body`,
       )
       .run(kind, name, status.phase, body, new Date().toISOString());
+    if (info.changes > 0) {
+      this.pendingStatus.push({ kind, name });
+      if (this.txDepth === 0) this.flushChanges();
+    }
     return info.changes > 0;
   }
 

@@ -72,6 +72,17 @@ export const proxyPortAdmission: Admission = {
         allocator = new PortAllocator(store, pool, poolRes.spec.portRange, parseDuration(poolRes.spec.portReuseCooldown));
         allocators.set(pool, allocator);
       }
+      // A new leader in Kubernetes starts with an empty database: the port the custom resource's
+      // status names is the user's port, kept unless someone else holds it by now.
+      const recorded = r.recordedStatus?.port;
+      if (spec.port === undefined && typeof recorded === 'number' && !existing) {
+        try {
+          allocator.allocate(spec.userId, r.name, recorded);
+          return;
+        } catch (err) {
+          if (!(err instanceof PortAllocationError)) throw err;
+        }
+      }
       try {
         allocator.allocate(spec.userId, r.name, spec.port);
       } catch (err) {
