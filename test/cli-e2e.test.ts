@@ -345,6 +345,14 @@ test('usage and configuration errors exit 2', async (t) => {
   const missing = await runBin(['--config', c.cfgFile, '--db', c.env.db, 'run'], c.env.childEnv({ POLYDEV_API_TOKEN_FILE: path.join(c.env.dir, 'nope') }), 30_000);
   t.is(missing.code, 2);
   t.regex(missing.stderr, /ENOENT|no such file/i);
+  // run --source: a bad value is a configuration error; kubernetes without any cluster says what it tried.
+  const badSource = await runBin(['--config', c.cfgFile, '--db', c.env.db, 'run', '--source', 'etcd'], c.env.childEnv(), 30_000);
+  t.is(badSource.code, 2);
+  t.regex(badSource.stderr, /command line: source: must be files or kubernetes/);
+  const noCluster = await runBin(['--config', c.cfgFile, '--db', c.env.db, 'run', '--source', 'kubernetes'],
+    c.env.childEnv({ KUBERNETES_SERVICE_HOST: '', KUBECONFIG: '' }), 30_000);
+  t.is(noCluster.code, 2, noCluster.stderr);
+  t.regex(noCluster.stderr, /no Kubernetes credentials: no kubeconfig was given/);
   const help = await c.run(['--help']);
   t.is(help.code, 0);
   t.regex(help.stdout, /Usage: polydev-reconciler/);
