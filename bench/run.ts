@@ -1,5 +1,5 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
-// BENCH_ONLY=proxy|warm-pool|turn|nomad runs one; BENCH_RUNS sets the runs per figure (default 5).
+// BENCH_ONLY=proxy|warm-pool|turn|nomad|standby runs one; BENCH_RUNS sets the runs per figure (default 5).
 // Warm-pool only, for investigations: BENCH_WARM_POOL_PARTS=claims,refill,rss (default all),
 // BENCH_RSS_RUNS (default 2), BENCH_CPU_PROFILE=1 (profile the daemon during the claim bursts).
 // Needs root (network namespaces, dockerd, coturn); everything it creates is deleted when it ends.
@@ -10,6 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runNomadBench } from './nomad.js';
 import { runProxyBench } from './proxy.js';
+import { runStandbyBench } from './standby.js';
 import { printTable, type BenchFigure } from './stats.js';
 import { runTurnBench } from './turn.js';
 import { runWarmPoolBench } from './warm-pool.js';
@@ -29,6 +30,7 @@ const BENCHES: Bench[] = [
   { name: 'warm-pool', issue: 3, title: 'WarmPool (issue 3)', run: runWarmPoolBench },
   { name: 'turn', issue: 4, title: 'TurnServer (issue 4)', run: runTurnBench },
   { name: 'nomad', issue: 5, title: 'WarmPool engine nomad (issue 5)', run: runNomadBench },
+  { name: 'standby', issue: 6, title: 'Standby takeover (issue 6)', run: runStandbyBench },
 ];
 
 const only = process.env.BENCH_ONLY;
