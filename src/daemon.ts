@@ -142,6 +142,7 @@ export class Daemon {
       controllers,
       workers: config.workers,
       resyncIntervalMs: config.resyncIntervalMs,
+      ...(this.elector ? { mayAct: () => this.elector!.isLeader() } : {}),
     });
     this.metrics.reportStoreStateWhen(() => this.isLeader());
     this.metrics.countResourcesWith(() => (this.store.db.open ? this.store.phaseCounts() : []));

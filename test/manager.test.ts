@@ -35,3 +35,23 @@ test('a real change cuts a backoff short (only resync respects it)', async (t) =
   while (!seen.includes('b') && Date.now() < deadline2) await new Promise((r) => setTimeout(r, 10));
   t.deepEqual(seen, ['b']);
 });
+
+test('mayAct: while the lease is not provably ours nothing is reconciled; the key waits and runs once it is', async (t) => {
+  const { store } = openStore(t);
+  const seen: string[] = [];
+  let mayAct = false;
+  const m = new Manager({
+    store, logger: silentLogger(), metrics: new Metrics({ processMetrics: false }), workers: 1, resyncIntervalMs: 3_600_000,
+    controllers: [{ kind: 'WarmPool', reconcile: async (name) => void seen.push(name) }],
+    mayAct: () => mayAct,
+  });
+  t.teardown(() => m.stop(100));
+  store.upsertResource({ kind: 'WarmPool', name: 'a', spec: {}, source: 'apply' });
+  m.start();
+  await new Promise((r) => setTimeout(r, 1500));
+  t.deepEqual(seen, [], 'a stalled leader acts on nothing');
+  mayAct = true;
+  const deadline = Date.now() + 5000;
+  while (!seen.includes('a') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  t.deepEqual(seen, ['a'], 'the key was kept, and runs once the lease is fresh again');
+});

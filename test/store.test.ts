@@ -487,6 +487,9 @@ test('leader election on the database: one leads, a hung leader is replaced afte
   t.true(waited >= 1200 - 300, `B waited out the lease (${waited} ms)`);
   t.is((await a.holder())?.identity, 'b');
 
+  // Before it learns anything, A already may not act: its last renewal is older than renewDeadline.
+  t.false(a.isLeader(), 'a leader that has not renewed within renewDeadline does not count as leading');
+  t.is(aLost, 0);
   // A wakes up: its next renewal finds the lease taken and says so once; its release leaves B's lease alone.
   t.false((a as unknown as { lease: { renew(): boolean } }).lease.renew());
   t.is(aLost, 1);

@@ -93,8 +93,9 @@ export class KubernetesLeaseElector implements LeaderElector {
     this.lostCallbacks.push(cb);
   }
 
+  /** Leading, and renewed within renewDeadline: past it, the lease may be someone else's already. */
   isLeader(): boolean {
-    return this.leading;
+    return this.leading && Date.now() - this.lastRenewAt < this.opts.timings.renewDeadlineMs;
   }
 
   async holder(): Promise<{ identity: string; renewedAt: Date } | undefined> {

@@ -9,6 +9,7 @@ export interface LeaderElector {
   acquire(signal: AbortSignal): Promise<void>;
   /** Called at most once if leadership is lost (renew failed past renewDeadline, or another holder took the lease). */
   onLost(cb: () => void): void;
+  /** Holds the lease and renewed it within renewDeadline (so it may act now). */
   isLeader(): boolean;
   /** Who holds it now, for status and logs. */
   holder(): Promise<{ identity: string; renewedAt: Date } | undefined>;

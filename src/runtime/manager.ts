@@ -42,6 +42,12 @@ export interface ManagerOptions {
   changePollMs?: number;
   /** A single run (observe, act, verify) that takes longer than this fails. */
   runTimeoutMs?: number;
+  /**
+   * Checked before every reconcile: under leader election, whether the lease is provably still
+   * ours. A leader resumed after a long stall (SIGSTOP, a frozen VM) must not act on timers that
+   * fire before its renewal finds out the lease has moved on.
+   */
+  mayAct?: () => boolean;
 }
 
 export interface ConvergenceReport {
@@ -223,6 +229,10 @@ export class Manager {
 
   /** Reconciles one key now (workers call this; tests and `--once` may too). */
   async reconcileKey(k: string): Promise<void> {
+    if (this.opts.mayAct && !this.opts.mayAct()) {
+      this.queue.addAfter(k, 1000);
+      return;
+    }
     const [kind, name] = splitKey(k);
     const controller = this.controllers.get(kind);
     const started = performance.now();

@@ -230,8 +230,9 @@ export class SqliteLeaderElector implements LeaderElector {
     this.lostCallbacks.push(cb);
   }
 
+  /** Leading, and renewed within renewDeadline: past it, the lease may be someone else's already. */
   isLeader(): boolean {
-    return this.leading;
+    return this.leading && Date.now() - this.lease.lastRenewedAt < this.options.renewDeadlineMs;
   }
 
   async holder(): Promise<{ identity: string; renewedAt: Date } | undefined> {
