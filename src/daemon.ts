@@ -56,6 +56,9 @@ async function ensureNetns(name: string, logger: Logger): Promise<void> {
   logger.info('created network namespace for iptables', { netns: name });
 }
 
+/** The lease row of a database: one, whatever the mode (leaseName names the Kubernetes Lease only). */
+const DATABASE_LEASE = 'daemon';
+
 /** The daemon: store, lease, controllers, manager, desired-state watcher, API. */
 export class Daemon {
   readonly logger: Logger;
@@ -78,6 +81,8 @@ export class Daemon {
   private statusWriter: KubernetesStatusWriter | undefined;
   private validator: ReturnType<typeof createValidator> | undefined;
   private stopped = false;
+  /** Set when the lease is lost (or leading failed): from then on nothing may change the world. */
+  private mustNotAct = false;
 
   constructor(
     readonly config: Config,
@@ -104,7 +109,7 @@ export class Daemon {
       if (config.leaderElection.enabled) {
         this.elector = this.createElector();
       } else {
-        this.lease = new Lease(this.store, 'daemon', 15_000, () => this.leadershipLost());
+        this.lease = new Lease(this.store, DATABASE_LEASE, 15_000, () => this.leadershipLost());
         this.lease.acquire();
       }
     } catch (err) {
@@ -195,7 +200,7 @@ export class Daemon {
     logger.info('polydev-reconciler started as a standby; waiting for the lease', {
       database: config.database,
       listen: this.address ?? null,
-      lease: config.leaderElection.leaseName,
+      lease: this.leaseLabel(),
       identity: this.elector.identity,
       pid: process.pid,
     });
@@ -219,6 +224,16 @@ export class Daemon {
     return this.elector ? this.elector.isLeader() : !this.stopped;
   }
 
+  /** What holds the lease, for logs: the Kubernetes Lease, or the database's own row. */
+  private leaseLabel(): string {
+    return this.kube ? `Lease ${this.kube.namespace}/${this.config.leaderElection.leaseName}` : `database ${this.config.database}`;
+  }
+
+  /** isLeader() even while stopping: the elector still holds the lease until stop() releases it. */
+  private isLeaderNow(): boolean {
+    return this.elector ? this.elector.isLeader() : true;
+  }
+
   private createElector(): LeaderElector {
     const { config, logger } = this;
     const le = config.leaderElection;
@@ -234,14 +249,16 @@ export class Daemon {
       });
     }
     return new SqliteLeaderElector(this.store, {
-      name: le.leaseName,
+      // The same row a daemon without leader election takes: a standby pair and a lone daemon
+      // (or `run --once`) on one database must see each other.
+      name: DATABASE_LEASE,
       ...(le.identity ? { identity: le.identity } : {}),
       leaseDurationMs: le.leaseDurationMs,
       renewDeadlineMs: le.renewDeadlineMs,
       retryPeriodMs: le.retryPeriodMs,
       onWaiting: (h) =>
         logger.info('standby: the lease is held by another daemon', {
-          lease: le.leaseName,
+          lease: this.leaseLabel(),
           holder: h.holder,
           holderPid: h.pid,
           renewedAgoMs: Math.max(0, Date.now() - h.renewedAt),
@@ -260,7 +277,7 @@ export class Daemon {
     }
     this.metrics.leader.set(1);
     this.metrics.leaderTransitions.inc();
-    this.logger.info('became the leader', { lease: this.config.leaderElection.leaseName, identity: elector.identity });
+    this.logger.info('became the leader', { lease: this.leaseLabel(), identity: elector.identity });
     try {
       await this.lead();
     } catch (err) {
@@ -278,6 +295,7 @@ export class Daemon {
       onError: (message) => logger.warn('background WAL checkpoints stopped; SQLite checkpoints on commit again', { error: message }),
     });
     if (config.iptables.netns && config.iptables.createNetns) await ensureNetns(config.iptables.netns, logger);
+    if (this.stopped || this.mustNotAct) return;
     if (this.kube) {
       if (config.desiredStateDir) logger.warn('desiredStateDir is ignored: source is kubernetes', { desiredStateDir: config.desiredStateDir });
       this.kubeSource = new KubernetesSource({
@@ -293,7 +311,7 @@ export class Daemon {
       });
       // The first sync must see every custom resource: reconciling a partial list would prune the rest.
       await this.kubeSource.start();
-      if (this.stopped) return;
+      if (this.stopped || this.mustNotAct) return;
       this.statusWriter = new KubernetesStatusWriter({
         client: this.kube.client,
         store: this.store,
@@ -347,19 +365,36 @@ export class Daemon {
 
   /** Another process holds the lease now: acting on would fight it. Stop, loudly. */
   private leadershipLost(): void {
-    this.fatal('lost the lease to another process; stopping', { database: this.config.database, lease: this.config.leaderElection.leaseName });
+    this.fatal('lost the lease to another process; stopping', { database: this.config.database, lease: this.leaseLabel() });
   }
 
   /** This daemon must not act any more: stop and exit 1 (a supervisor restarts it, as a standby if others lead). */
   private fatal(message: string, meta: Record<string, unknown>): void {
-    if (this.stopped) return;
+    if (this.stopped || this.mustNotAct) return;
+    this.mustNotAct = true;
     this.metrics.leader.set(0);
     this.logger.error(message, meta);
+    this.stopActingNow();
     if (this.options.onLeadershipLost) {
       this.options.onLeadershipLost();
       return;
     }
+    // Another daemon may lead already: no graceful shutdown, no waiting on slow clients.
+    setTimeout(() => process.exit(1), 3000).unref();
     void this.stop().finally(() => process.exit(1));
+  }
+
+  /**
+   * At once, without awaiting anything: no new reconcile starts and in-flight ones are aborted, no
+   * desired state is applied, no status written, no notice sent (controller-runtime exits here).
+   */
+  private stopActingNow(): void {
+    this.watcher?.stop();
+    void this.kubeSource?.stop();
+    void this.statusWriter?.stop();
+    void this.notifier?.stop();
+    void this.health?.stop(0);
+    void this.manager?.stop(0);
   }
 
   waitConverged(timeoutMs: number): Promise<ConvergenceReport> {
@@ -378,7 +413,18 @@ export class Daemon {
     await Promise.all([this.health?.stop(), this.api?.close(), this.notifier?.stop()]);
     const { abandoned } = this.manager ? await this.manager.stop(this.config.shutdownTimeoutMs) : { abandoned: [] };
     await this.engines?.close();
-    // After the manager: the last status writes of the stopping reconciles still reach the cluster.
+    // After the manager, and only while still the leader: the last status writes of the stopping
+    // reconciles reach the cluster (bounded; a new leader needs e.g. the ports they name).
+    if (this.statusWriter && !this.mustNotAct && this.isLeaderNow()) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        this.statusWriter.flush().catch(() => undefined),
+        new Promise((r) => {
+          timer = setTimeout(r, 3000);
+        }),
+      ]);
+      clearTimeout(timer);
+    }
     await this.statusWriter?.stop();
     this.claims?.flushLatencies();
     this.lease?.release();

@@ -120,6 +120,11 @@ test.serial('two daemons on a Lease: the leader syncs the custom resources and w
   const cutAt = Date.now();
   await waitFor('A gives up', () => lost.includes('a'), 10_000, 50);
   t.true(Date.now() - cutAt < 3000, 'A stopped acting before its lease could expire');
+  // It stopped acting at once, not after a graceful shutdown: no reconcile runs any more (resync is 500 ms).
+  const reconciles = await a.metrics.registry.getSingleMetricAsString('polydev_reconcile_total');
+  await sleep(1500);
+  t.is(await a.metrics.registry.getSingleMetricAsString('polydev_reconcile_total'), reconciles, 'no reconcile after the lease was lost');
+  t.false(a.isLeader());
   await a.stop();
   await b.waitLeading(15_000);
   t.log(`B led ${Date.now() - cutAt} ms after A was cut off`);

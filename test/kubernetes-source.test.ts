@@ -8,6 +8,7 @@ import path from 'node:path';
 import { ADMISSIONS } from '../src/controllers/registry.js';
 import { KUBE_GENERATION_ANNOTATION, KubernetesSource } from '../src/desired/kubernetes-source.js';
 import { applyPath } from '../src/desired/apply.js';
+import { boundAllocationOf } from '../src/state/allocations.js';
 import { KubernetesClient, loadKubeConfig, resolveNamespace } from '../src/drivers/kubernetes.js';
 import { Metrics } from '../src/observability/metrics.js';
 import type { Store } from '../src/state/store.js';
@@ -96,6 +97,24 @@ test('objects present at start are in the store when start() resolves, with the 
   t.is(w.query.allowWatchBookmarks, 'true');
   t.truthy(w.query.resourceVersion);
   t.is(listsOf(fake, 'claims').length, 0);
+});
+
+test('a new leader keeps recorded ports: objects whose status names a port are admitted before those without', async (t) => {
+  const { store } = await setup(t, {
+    seed: (fake) => {
+      fake.create('proxypools', NS, pool('default'));
+      // aaron comes first in the list and has no port yet; alice's status names the first port.
+      fake.create('proxyports', NS, port('aaron', 'aaron', '10.0.0.9'));
+      fake.create('proxyports', NS, port('alice', 'alice', '10.0.0.1'));
+      fake.updateStatus('proxyports', NS, 'alice', { phase: 'Ready', port: 10001 });
+      fake.create('proxyports', NS, port('bob', 'bob', '10.0.0.2'));
+      fake.updateStatus('proxyports', NS, 'bob', { phase: 'Ready', port: 10005 });
+    },
+  });
+  const portOf = (user: string) => boundAllocationOf(store, user)?.port;
+  t.is(portOf('alice'), 10001);
+  t.is(portOf('bob'), 10005, 'a recorded port is kept even when lower ones are free');
+  t.is(portOf('aaron'), 10002, 'the one without a record gets the next free port, not alice\'s');
 });
 
 test('create, update and delete of a custom resource reach the store', async (t) => {

@@ -16,6 +16,7 @@ import {
   e2eEnv,
   logLines,
   manifest,
+  runBin,
   metricValue,
   saveNat,
   sleep,
@@ -134,6 +135,12 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   t.false(/^polydev_resource_phase\{/m.test(bMetrics), 'a standby does not export the leader\'s resources a second time');
   t.regex((await get(`${aBase}/metrics`)).body as string, /^polydev_resource_phase\{kind="WarmPool",name="hot"/m);
   t.is(metricValue((await get(`${aBase}/metrics`)).body as string, 'polydev_leader'), 1);
+
+  // A one-shot run on the pair's database is refused: the lone-daemon lease and the election are one lease.
+  const once = await runBin(['run', '--once', '--config', cfg], env.childEnv(), 60_000);
+  t.is(once.code, 2, once.stderr);
+  t.regex(once.stderr, /another polydev-reconciler \(pid \d+ on /);
+  t.deepEqual((await owned(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'and it changed nothing');
 
   // The leader dies without a word.
   const killedAt = Date.now();

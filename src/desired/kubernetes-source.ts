@@ -267,7 +267,11 @@ export class KubernetesSource {
     const seen = new Set<string>();
     const previous = ks.objects;
     ks.objects = new Map();
-    for (const obj of list.items ?? []) {
+    // Objects whose status records an allocation (a ProxyPort's port, from an earlier leader) first:
+    // otherwise one without could be handed that port, being earlier in the list.
+    const recorded = (o: KubeObject) => (typeof (o.status as { port?: unknown } | undefined)?.port === 'number' ? 0 : 1);
+    const items = [...(list.items ?? [])].sort((a, b) => recorded(a) - recorded(b));
+    for (const obj of items) {
       seen.add(obj.metadata.name);
       this.observe(ks, obj);
     }

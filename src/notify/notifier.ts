@@ -177,7 +177,14 @@ class TargetSender {
     } catch (err) {
       if (!this.n.isStopped()) this.n.log.warn('notifier: sending failed unexpectedly', { target: this.target.name, error: errorCode(err) });
     }
-    if (!this.n.isStopped()) this.scheduleWake();
+    if (!this.n.isStopped()) {
+      try {
+        this.scheduleWake();
+      } catch (err) {
+        // Nothing awaits this loop: a throw here would be an unhandled rejection, i.e. a crash.
+        this.n.log.warn('notifier: scheduling the next delivery failed', { target: this.target.name, error: errorCode(err) });
+      }
+    }
   }
 
   private scheduleWake(): void {

@@ -35,6 +35,8 @@ export class KubernetesLeaseElector implements LeaderElector {
   private observedAt = 0;
   private leading = false;
   private lastRenewAt = 0;
+  /** The newest tryAcquireOrRenew, which a race may have stopped waiting for (release checks it). */
+  private attempt: Promise<boolean> | undefined;
   private lostCallbacks: Array<() => void> = [];
   private lostFired = false;
   private renewAbort: AbortController | undefined;
@@ -66,7 +68,8 @@ export class KubernetesLeaseElector implements LeaderElector {
     for (;;) {
       if (signal.aborted) throw new AbortError('leader election aborted');
       // An attempt stuck on a slow API server must not hold up an abort.
-      const ok = await Promise.race([this.tryAcquireOrRenew(), aborted]);
+      this.attempt = this.tryAcquireOrRenew();
+      const ok = await Promise.race([this.attempt, aborted]);
       if (ok) {
         this.leading = true;
         this.lostFired = false;
@@ -107,7 +110,15 @@ export class KubernetesLeaseElector implements LeaderElector {
 
   async release(): Promise<void> {
     await this.stopRenewing();
-    if (!this.leading) return;
+    if (!this.leading) {
+      // An attempt abandoned by an abort (or a missed deadline) may still have written us in as
+      // holder; if it did, give the lease up too, or the next pod waits out a whole lease.
+      const late = this.attempt;
+      this.attempt = undefined;
+      if (!late) return;
+      const won = await Promise.race([late.catch(() => false), new Promise<false>((r) => setTimeout(() => r(false), 5000).unref())]);
+      if (!won) return;
+    }
     this.leading = false;
     try {
       const lease = await this.opts.client.readLease(this.opts.namespace, this.leaseName);
@@ -193,10 +204,16 @@ export class KubernetesLeaseElector implements LeaderElector {
         }
         const remaining = this.lastRenewAt + renewDeadlineMs - Date.now();
         // A hung API server must not keep us "leading" past the deadline: stop waiting for it then.
+        let deadline: NodeJS.Timeout | undefined;
+        this.attempt = this.tryAcquireOrRenew();
         const ok = await Promise.race([
-          this.tryAcquireOrRenew(),
-          new Promise<false>((resolve) => setTimeout(() => resolve(false), Math.max(0, remaining)).unref()),
+          this.attempt,
+          new Promise<false>((resolve) => {
+            deadline = setTimeout(() => resolve(false), Math.max(0, remaining));
+            deadline.unref();
+          }),
         ]);
+        clearTimeout(deadline);
         if (abort.signal.aborted) return;
         if (ok) {
           this.lastRenewAt = Date.now();

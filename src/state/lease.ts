@@ -208,9 +208,10 @@ export class SqliteLeaderElector implements LeaderElector {
       try {
         held = this.lease.tryAcquire();
       } catch (err) {
-        // A locked database is a reason to try again, not to give up on leading.
+        // A locked database is a reason to try again, never a win: nothing was written.
         if ((err as { code?: string }).code !== 'SQLITE_BUSY') throw err;
-        held = this.lease.current();
+        await sleep(this.options.retryPeriodMs, signal);
+        continue;
       }
       if (!held) {
         this.leading = true;

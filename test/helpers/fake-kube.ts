@@ -220,6 +220,15 @@ export class FakeKube {
     return r;
   }
 
+  /** Writes the status subresource, as another client (an earlier leader) would. */
+  updateStatus(plural: string, namespace: string, name: string, status: Json): FakeObject {
+    const current = this.get(plural, namespace, name);
+    if (!current) throw new Error(`no ${plural} ${namespace}/${name}`);
+    const r = this.replaceObject(plural, namespace, name, { ...structuredClone(current), status } as unknown as Json, true);
+    if ('code' in r) throw new Error(`status update failed: ${r.code} ${r.reason}: ${r.message}`);
+    return r;
+  }
+
   delete(plural: string, namespace: string, name: string): boolean {
     return !('code' in this.deleteObject(plural, namespace, name));
   }
