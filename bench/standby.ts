@@ -12,26 +12,16 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { ExecutionContext } from 'ava';
 import YAML from 'yaml';
-import { BIN, EXAMPLE_USERS, logLines, manifest, spawnChild, waitFor, type Child } from '../test/helpers/e2e-env.js';
+import { BIN, EXAMPLE_USERS, logLines, manifest, spawnChild, waitFor, waitListening, type Child } from '../test/helpers/e2e-env.js';
 import { createNetns } from '../test/helpers/netns.js';
+import { benchContext, runCleanups } from './harness.js';
 import { median, type BenchFigure } from './stats.js';
 
 const log = (msg: string) => process.stderr.write(`[standby ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 const round = (x: number) => Math.round(x);
 
-function benchContext(cleanups: Array<() => unknown>): ExecutionContext {
-  return { teardown: (fn: () => unknown) => cleanups.push(fn), log: () => undefined } as unknown as ExecutionContext;
-}
 
-async function listening(c: Child): Promise<string> {
-  return waitFor(`daemon pid ${c.pid} to log its address`, () => {
-    if (!c.running()) throw new Error(`daemon exited early: ${c.stderr().slice(-1000)}`);
-    const l = logLines(c.stdout()).find((x) => typeof x.message === 'string' && x.message.startsWith('polydev-reconciler started') && x.listen);
-    return l ? String(l.listen) : undefined;
-  }, 30_000, 20);
-}
 
 const leads = (c: Child) => logLines(c.stdout()).some((l) => l.message === 'became the leader');
 
@@ -74,10 +64,10 @@ async function oneRun(i: number): Promise<Run> {
     const run = () => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env);
 
     const a = run();
-    const aBase = await listening(a);
+    const aBase = await waitListening(a);
     await waitFor('A leads and is ready', async () => leads(a) && (await ready(aBase)), 60_000, 50);
     const b = run();
-    const bBase = await listening(b);
+    const bBase = await waitListening(b);
     // Let B settle into its standby loop, at a random phase of its 2 s retry period.
     await new Promise((r) => setTimeout(r, 1000 + Math.random() * 2000));
 
@@ -90,7 +80,7 @@ async function oneRun(i: number): Promise<Run> {
 
     // A comes back as the standby; then B hangs.
     const a2 = run();
-    await listening(a2);
+    await waitListening(a2);
     await new Promise((r) => setTimeout(r, 1000 + Math.random() * 2000));
     const stoppedAt = performance.now();
     process.kill(b.pid, 'SIGSTOP');
@@ -106,13 +96,7 @@ async function oneRun(i: number): Promise<Run> {
     log(`run ${i + 1}: kill -9 → leader ${round(killToLeaderMs)} ms, → ready ${round(killToReadyMs)} ms; SIGSTOP → leader ${round(hangToLeaderMs)} ms`);
     return { killToLeaderMs, killToReadyMs, hangToLeaderMs };
   } finally {
-    for (const fn of cleanups.reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        log(`cleanup: ${(err as Error).message}`);
-      }
-    }
+    await runCleanups(cleanups, log);
   }
 }
 

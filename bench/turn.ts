@@ -10,7 +10,6 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { ExecutionContext } from 'ava';
 import YAML from 'yaml';
 import { loadConfig } from '../src/config.js';
 import { Daemon } from '../src/daemon.js';
@@ -18,6 +17,7 @@ import { probeTurn, type TurnTransport } from '../src/drivers/turn.js';
 import { silentLogger } from '../src/observability/logger.js';
 import { startCoturn, type Coturn } from '../test/helpers/coturn.js';
 import { REPO } from '../test/helpers/e2e-env.js';
+import { benchContext, runCleanups } from './harness.js';
 import { median, summarize, type BenchFigure } from './stats.js';
 
 const PROBES = 50;
@@ -25,10 +25,6 @@ const round = (x: number, d = 2) => Math.round(x * 10 ** d) / 10 ** d;
 const log = (msg: string) => process.stderr.write(`[turn ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** The harness takes an ava context for its cleanups; the bench keeps them itself. */
-function benchContext(cleanups: Array<() => unknown>): ExecutionContext {
-  return { teardown: (fn: () => unknown) => cleanups.push(fn), log: () => undefined } as unknown as ExecutionContext;
-}
 
 async function probeCost(c: Coturn, transport: TurnTransport, allocate: boolean): Promise<number[]> {
   const out: number[] = [];
@@ -157,12 +153,6 @@ export async function runTurnBench(runs: number): Promise<{ figures: BenchFigure
       },
     };
   } finally {
-    for (const fn of cleanups.reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        log(`cleanup: ${(err as Error).message}`);
-      }
-    }
+    await runCleanups(cleanups, log);
   }
 }

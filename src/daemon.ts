@@ -229,11 +229,6 @@ export class Daemon {
     return this.kube ? `Lease ${this.kube.namespace}/${this.config.leaderElection.leaseName}` : `database ${this.config.database}`;
   }
 
-  /** isLeader() even while stopping: the elector still holds the lease until stop() releases it. */
-  private isLeaderNow(): boolean {
-    return this.elector ? this.elector.isLeader() : true;
-  }
-
   private createElector(): LeaderElector {
     const { config, logger } = this;
     const le = config.leaderElection;
@@ -415,7 +410,7 @@ export class Daemon {
     await this.engines?.close();
     // After the manager, and only while still the leader: the last status writes of the stopping
     // reconciles reach the cluster (bounded; a new leader needs e.g. the ports they name).
-    if (this.statusWriter && !this.mustNotAct && this.isLeaderNow()) {
+    if (this.statusWriter && !this.mustNotAct && (this.elector?.isLeader() ?? true)) {
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([
         this.statusWriter.flush().catch(() => undefined),

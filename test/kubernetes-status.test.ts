@@ -53,7 +53,7 @@ async function setup(t: ExecutionContext, seed: (fake: FakeKube) => void): Promi
   const source = new KubernetesSource({ client, store, validator: validator(), admissions: ADMISSIONS, logger, metrics: new Metrics(), namespace: NS, resyncMs: 60_000, minBackoffMs: 20, maxBackoffMs: 200 });
   t.teardown(() => source.stop());
   await source.start();
-  const writer = new KubernetesStatusWriter({ client, store, logger, namespace: NS, source, coalesceMs: 50, pollMs: 50, minBackoffMs: 50, maxBackoffMs: 200 });
+  const writer = new KubernetesStatusWriter({ client, store, logger, namespace: NS, source, coalesceMs: 50, minBackoffMs: 50, maxBackoffMs: 200 });
   t.teardown(() => writer.stop());
   writer.start();
   return { fake, store, writer, logs: text };

@@ -5,7 +5,6 @@
 
 import anyTest, { type TestFn } from 'ava';
 import path from 'node:path';
-import { LABELS } from '../src/controllers/warmpool/engine.js';
 import { installationId, listMembers } from '../src/state/pools.js';
 import { Store } from '../src/state/store.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
@@ -23,9 +22,10 @@ import {
   spawnChild,
   userRules,
   waitFor,
+  waitListening,
   type Child,
 } from './helpers/e2e-env.js';
-import { poolsYaml } from './helpers/warmpool-env.js';
+import { ownedContainers, poolsYaml } from './helpers/warmpool-env.js';
 
 const test = anyTest as TestFn<{ dockerd: Dockerd }>;
 
@@ -36,19 +36,7 @@ test.after.always(async (t) => {
   await t.context.dockerd?.stop();
 });
 
-async function owned(dockerd: Dockerd, owner: string): Promise<Array<{ Id: string; State: string }>> {
-  const filters = encodeURIComponent(JSON.stringify({ label: [`${LABELS.owner}=${owner}`] }));
-  return (await dockerd.request('GET', `/containers/json?all=1&filters=${filters}`)).json as Array<{ Id: string; State: string }>;
-}
 
-/** The API address a daemon logged, whichever role it started in. */
-async function waitListening(c: Child): Promise<string> {
-  return waitFor(`daemon pid ${c.pid} to log its address`, () => {
-    if (!c.running()) throw new Error(`daemon exited early: ${c.stderr().slice(-2000)} ${c.stdout().slice(-2000)}`);
-    const line = logLines(c.stdout()).find((l) => typeof l.message === 'string' && l.message.startsWith('polydev-reconciler started') && l.listen);
-    return line ? String(line.listen) : undefined;
-  }, 30_000, 100);
-}
 
 async function get(url: string): Promise<{ status: number; body: Record<string, unknown> | string }> {
   const r = await fetch(url, { signal: AbortSignal.timeout(3000) });
@@ -84,7 +72,7 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   let sampling = true;
   const sampler = (async () => {
     for (let i = 0; sampling && i < 20_000; i++) {
-      maxSeen = Math.max(maxSeen, (await owned(dockerd, owner)).length);
+      maxSeen = Math.max(maxSeen, (await ownedContainers(dockerd, owner)).length);
       await sleep(25);
     }
   })();
@@ -102,14 +90,14 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   // Everything converged under A.
   await waitFor('A converged', async () => (await get(`${aBase}/readyz`)).status === 200, 60_000, 200);
   await waitFor('3 warm containers', async () => {
-    const list = await owned(dockerd, owner);
+    const list = await ownedContainers(dockerd, owner);
     return list.length === 3 && list.every((c) => c.State === 'running');
   }, 90_000, 200);
   const rulesBefore = await waitFor('a rule per user', async () => {
     const rules = userRules(await saveNat(env.ns));
     return rules.length === EXAMPLE_USERS.length ? rules : undefined;
   }, 30_000, 200);
-  const containersBefore = (await owned(dockerd, owner)).map((c) => c.Id).sort();
+  const containersBefore = (await ownedContainers(dockerd, owner)).map((c) => c.Id).sort();
   const portsBefore = await (async () => {
     const s = new Store(env.db, { readonly: true });
     try {
@@ -140,7 +128,7 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   const once = await runBin(['run', '--once', '--config', cfg], env.childEnv(), 60_000);
   t.is(once.code, 2, once.stderr);
   t.regex(once.stderr, /another polydev-reconciler \(pid \d+ on /);
-  t.deepEqual((await owned(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'and it changed nothing');
+  t.deepEqual((await ownedContainers(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'and it changed nothing');
 
   // The leader dies without a word.
   const killedAt = Date.now();
@@ -159,7 +147,7 @@ test.serial('kill -9 of the leader: the standby takes over within 15 s and adopt
   t.is((stats.body as { warm: number }).warm, 3);
   sampling = false;
   await sampler;
-  t.deepEqual((await owned(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'B adopted the same containers');
+  t.deepEqual((await ownedContainers(dockerd, owner)).map((c) => c.Id).sort(), containersBefore, 'B adopted the same containers');
   t.true(maxSeen <= 3, `saw ${maxSeen} containers of a pool of 3`);
   const rulesAfter = userRules(await saveNat(env.ns));
   t.deepEqual(rulesAfter.sort(), [...rulesBefore].sort(), 'the same rules, each once');

@@ -10,7 +10,7 @@ import { installationId, listClaims, listMembers } from '../src/state/pools.js';
 import { Store } from '../src/state/store.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
 import { BIN, TOKEN, e2eEnv, sleep, spawnChild, waitFor, waitStarted, type Child } from './helpers/e2e-env.js';
-import { poolApi, poolsYaml } from './helpers/warmpool-env.js';
+import { ownedContainers, poolApi, poolsYaml } from './helpers/warmpool-env.js';
 
 const test = anyTest as TestFn<{ dockerd: Dockerd }>;
 
@@ -21,10 +21,6 @@ test.after.always(async (t) => {
   await t.context.dockerd?.stop();
 });
 
-async function owned(dockerd: Dockerd, owner: string): Promise<Array<{ Id: string; State: string; Labels: Record<string, string> }>> {
-  const filters = encodeURIComponent(JSON.stringify({ label: [`${LABELS.owner}=${owner}`] }));
-  return (await dockerd.request('GET', `/containers/json?all=1&filters=${filters}`)).json as Array<{ Id: string; State: string; Labels: Record<string, string> }>;
-}
 
 test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above maxSize, nothing leaked, claims kept', async (t) => {
   const { dockerd } = t.context;
@@ -59,7 +55,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
   let sampling = true;
   const sampler = (async () => {
     while (sampling) {
-      const n = (await owned(dockerd, owner)).filter((c) => c.Labels[LABELS.pool] === 'crashy').length;
+      const n = (await ownedContainers(dockerd, owner)).filter((c) => c.Labels[LABELS.pool] === 'crashy').length;
       maxSeen = Math.max(maxSeen, n);
       await sleep(20);
     }
@@ -69,7 +65,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
   let d = run();
   await waitStarted(d);
   await waitFor('refill under way', async () => {
-    const n = (await owned(dockerd, owner)).length;
+    const n = (await ownedContainers(dockerd, owner)).length;
     return n >= 2 && n <= 7;
   }, 60_000, 10);
   await d.kill();
@@ -97,7 +93,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
     return s.status === 200 && s.body.warm === 10 && s.body.starting === 0;
   }, 90_000, 200);
   await waitFor('no leftovers', async () => {
-    const list = await owned(dockerd, owner);
+    const list = await ownedContainers(dockerd, owner);
     return list.filter((c) => c.Labels[LABELS.pool] === 'crashy').length === 11 && list.every((c) => c.State === 'running');
   }, 60_000, 200);
   sampling = false;
@@ -109,7 +105,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
   t.is((await d.exited).code, 0);
   const store = new Store(env.db);
   t.teardown(() => store.close());
-  const list = await owned(dockerd, owner);
+  const list = await ownedContainers(dockerd, owner);
   const members = listMembers(store);
   t.deepEqual(members.map((m) => m.containerId).sort(), list.map((c) => c.Id).sort(), 'every container is a member and every member a container');
   const open = listClaims(store, { state: 'open' });

@@ -17,8 +17,6 @@ export interface KubernetesStatusWriterOptions {
   kinds?: Map<string, KindInfo>;
   /** Changes within this window go out as one write per object (default 200 ms). */
   coalesceMs?: number;
-  /** How often the store's status rows are checked for changes (default 1000 ms; see poll()). */
-  pollMs?: number;
   /** 409 Conflicts retried at once (re-reading the object) before the write backs off (default 5). */
   maxConflictRetries?: number;
   /** Backoff of failed writes (defaults 500 ms doubling to 60 s). */
@@ -45,9 +43,7 @@ export class KubernetesStatusWriter {
   /** Digest of the status body last written per object, so unchanged status is never PUT again. */
   private readonly written = new Map<string, string>();
   private flushTimer: NodeJS.Timeout | undefined;
-  private pollTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> | undefined;
-  private lastPoll = '';
   private stopped = true;
 
   constructor(private readonly opts: KubernetesStatusWriterOptions) {
@@ -61,9 +57,6 @@ export class KubernetesStatusWriter {
     this.opts.store.on('status', this.onStatus);
     // Whatever changed while this process was not leading (or not running) goes out first.
     for (const r of this.opts.store.listResources()) if (r.source === 'kubernetes' && r.status) this.mark(r.kind, r.metadata.name);
-    this.lastPoll = new Date().toISOString();
-    this.pollTimer = setInterval(() => this.poll(), this.opts.pollMs ?? 1000);
-    this.pollTimer.unref();
   }
 
   async stop(): Promise<void> {
@@ -71,7 +64,6 @@ export class KubernetesStatusWriter {
     this.opts.store.off('change', this.onChange);
     this.opts.store.off('status', this.onStatus);
     if (this.flushTimer) clearTimeout(this.flushTimer);
-    if (this.pollTimer) clearInterval(this.pollTimer);
     for (const t of this.retryTimers.values()) clearTimeout(t);
     this.retryTimers.clear();
     this.flushTimer = undefined;
@@ -94,34 +86,11 @@ export class KubernetesStatusWriter {
     if (this.opts.store.db.open && this.opts.store.getSource(c.kind, c.name) === 'kubernetes') this.mark(c.kind, c.name);
   };
 
-  /** For a store that announces status writes (`store.emit('status', {kind, name})`); the poll covers one that does not. */
+  /** The store announces every status write after its commit (setStatus records no change-feed entry). */
   private readonly onStatus = (c: { kind: string; name: string }) => {
     if (this.opts.store.db.open && this.opts.store.getSource(c.kind, c.name) === 'kubernetes') this.mark(c.kind, c.name);
   };
 
-  /**
-   * The store's change feed does not carry status writes (setStatus records no change), so status
-   * rows updated since the last look are found by their updated_at; the window overlaps by a
-   * second because a row's timestamp is taken before its transaction commits. Re-marked rows that
-   * did not change cost a digest comparison, not a write.
-   */
-  private poll(): void {
-    const { store } = this.opts;
-    if (this.stopped || !store.db.open) return;
-    const since = new Date(Date.parse(this.lastPoll) - 1000).toISOString();
-    this.lastPoll = new Date().toISOString();
-    try {
-      const rows = store
-        .stmt(
-          `SELECT s.kind AS kind, s.name AS name FROM status s JOIN resources r ON r.kind = s.kind AND r.name = s.name
-           WHERE r.source = 'kubernetes' AND s.updated_at >= ?`,
-        )
-        .all(since) as Array<{ kind: string; name: string }>;
-      for (const r of rows) this.mark(r.kind, r.name);
-    } catch (err) {
-      this.opts.logger.warn('cannot read status changes', { error: (err as Error).message });
-    }
-  }
 
   private mark(kind: string, name: string): void {
     if (this.stopped || !this.kinds.has(kind)) return;

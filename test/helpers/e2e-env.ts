@@ -376,6 +376,20 @@ export async function waitStarted(c: Child, timeoutMs = 30_000): Promise<string>
   );
 }
 
+/** Waits for a started daemon's API address, leader or standby ("polydev-reconciler started…" lines). */
+export async function waitListening(c: Child, timeoutMs = 30_000): Promise<string> {
+  return waitFor(
+    `daemon pid ${c.pid} to log its address`,
+    () => {
+      if (!c.running()) throw new Error(`daemon exited early: ${c.stderr().slice(-2000)} ${c.stdout().slice(-2000)}`);
+      const line = logLines(c.stdout()).find((l) => typeof l.message === 'string' && l.message.startsWith('polydev-reconciler started') && l.listen);
+      return line ? String(line.listen) : undefined;
+    },
+    timeoutMs,
+    20,
+  );
+}
+
 /** Waits until GET url returns 200. */
 export async function waitHttp200(url: string, timeoutMs = 30_000): Promise<void> {
   await waitFor(`${url} to answer 200`, async () => (await fetch(url, { signal: AbortSignal.timeout(2000) })).status === 200, timeoutMs, 100);

@@ -6,6 +6,7 @@ import type { ExecutionContext } from 'ava';
 import path from 'node:path';
 import YAML from 'yaml';
 import type { Daemon, DaemonOptions } from '../../src/daemon.js';
+import { LABELS } from '../../src/controllers/warmpool/engine.js';
 import { listMembers, type PoolMember } from '../../src/state/pools.js';
 import type { Dockerd } from './dockerd.js';
 import { TOKEN, e2eEnv, startDaemon, waitFor, type E2eEnv } from './e2e-env.js';
@@ -25,6 +26,12 @@ export interface WarmPoolOptions {
   claim?: Record<string, unknown>;
   provider?: string;
   driftPolicy?: 'correct' | 'warn' | 'ignore';
+}
+
+/** Every container on dockerd (running or not) labelled as owned by this installation id. */
+export async function ownedContainers(dockerd: Dockerd, owner: string): Promise<Array<{ Id: string; State: string; Labels: Record<string, string> }>> {
+  const filters = encodeURIComponent(JSON.stringify({ label: [`${LABELS.owner}=${owner}`] }));
+  return (await dockerd.request('GET', `/containers/json?all=1&filters=${filters}`)).json as Array<{ Id: string; State: string; Labels: Record<string, string> }>;
 }
 
 export function warmPoolDoc(o: WarmPoolOptions): Record<string, unknown> {
