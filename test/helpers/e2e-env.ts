@@ -1,6 +1,6 @@
 // End-to-end test environment: a throwaway network namespace for iptables, a temp dir
 // with the config, the SQLite file, the API token and a watched desired-state dir,
-// in-process daemons and real `bin/polydev-reconciler.js` child processes. Everything
+// in-process daemons and real CLI child processes (the compiled `dist/src/main.js`). Everything
 // is torn down through t.teardown (daemons stopped, children killed by PID, namespace
 // deleted, temp dir removed). The host's root-namespace iptables is never touched:
 // every daemon and every CLI run gets iptables.netns / POLYDEV_IPTABLES_NETNS.
@@ -19,10 +19,13 @@ import { tokenizeRuleSpec } from '../../src/controllers/proxypool/rules.js';
 import { Daemon, type DaemonOptions } from '../../src/daemon.js';
 import { findExecutable } from '../../src/drivers/iptables.js';
 import { silentLogger } from '../../src/observability/logger.js';
+import { BUILT_MAIN, requireCurrentBuild } from './build.js';
 import { createNetns, requireRoot, type Netns } from './netns.js';
+import { heavyTests } from './slots.js';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-export const BIN = path.join(REPO, 'bin', 'polydev-reconciler.js');
+/** The CLI as child processes run it: the compiled build (see helpers/build.ts for why). */
+export const BIN = BUILT_MAIN;
 export const TOKEN = 'e2e-test-token-0123456789abcdef';
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -33,22 +36,46 @@ export const deadline = (ms: number): Promise<undefined> =>
     setTimeout(() => r(undefined), ms).unref();
   });
 
-/** Polls fn until it returns a truthy value or the deadline passes (then throws with `what`). */
+/**
+ * Polls fn until it returns a truthy value or the deadline passes (then throws with `what`).
+ * The deadline is a hang guard: a wait that succeeds costs only what it waited. With
+ * POLYDEV_TEST_WAIT_LOG set (`npm run test:repeat` sets it), every wait appends how long it took
+ * and where it is to that file, so deadlines can be checked against the worst case measured under
+ * the suite's own load.
+ */
 export async function waitFor<T>(what: string, fn: () => T | Promise<T>, timeoutMs = 15_000, intervalMs = 50): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
+  const started = Date.now();
+  const deadline = started + timeoutMs;
   let last: unknown;
   for (;;) {
     try {
       const v = await fn();
-      if (v) return v as NonNullable<T>;
+      if (v) {
+        recordWait(what, started, timeoutMs, true);
+        return v as NonNullable<T>;
+      }
       last = v;
     } catch (err) {
       last = err;
     }
     if (Date.now() >= deadline) {
+      recordWait(what, started, timeoutMs, false);
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
     }
     await sleep(intervalMs);
+  }
+}
+
+/** One line per wait into POLYDEV_TEST_WAIT_LOG: what, where (the test file's line), took, deadline. */
+function recordWait(what: string, started: number, timeoutMs: number, ok: boolean): void {
+  const file = process.env.POLYDEV_TEST_WAIT_LOG;
+  if (!file) return;
+  const site = (new Error().stack ?? '').split('\n').map((l) => /(test\/[\w./-]+\.ts):(\d+)/.exec(l)).find((m) => m && !m[1]!.includes('helpers/'));
+  const line = { what: what.slice(0, 120), site: site ? `${site[1]}:${site[2]}` : 'unknown', ms: Date.now() - started, timeoutMs, ok };
+  try {
+    fs.appendFileSync(file, `${JSON.stringify(line)}\n`);
+  } catch {
+    // Measuring must never fail a test.
   }
 }
 
@@ -137,6 +164,7 @@ export interface E2eEnv {
 
 export async function e2eEnv(t: ExecutionContext, opts: { addresses?: string[] } = {}): Promise<E2eEnv> {
   requireRoot();
+  await heavyTests.acquire(t);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'polydev-e2e-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const ns = await createNetns(opts.addresses ? { addresses: opts.addresses } : {});
@@ -287,6 +315,7 @@ export interface Child {
 
 /** Spawns a process (argument array, no shell); killed by PID in teardown if still running. */
 export function spawnChild(t: ExecutionContext, file: string, args: string[], env: NodeJS.ProcessEnv): Child {
+  if (args.includes(BIN)) requireCurrentBuild();
   const child = spawn(file, args, { env, cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
   if (child.pid === undefined) throw new Error(`cannot spawn ${file}`);
   const pid = child.pid;
@@ -326,6 +355,7 @@ export async function runBin(
   env: NodeJS.ProcessEnv,
   timeoutMs = 60_000,
 ): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number }> {
+  requireCurrentBuild();
   const started = Date.now();
   const child = spawn(process.execPath, [BIN, ...args], { env, cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
   trackChild(child);

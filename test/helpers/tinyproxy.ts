@@ -34,7 +34,12 @@ export interface Tinyproxy {
   stop(): Promise<void>;
 }
 
-const STARTUP_TIMEOUT_MS = 5000;
+// tinyproxy listens about 90 ms after it starts on an idle machine (three at once: 20-60 ms). The
+// deadline is a hang guard: under the suite's load on 2 cores 5 s was not enough for some starts
+// (the check's own connect attempts were starved too), and a start that works costs only its time.
+const STARTUP_TIMEOUT_MS = 30_000;
+/** One connect attempt; a refused connection answers at once, so this only bounds a stall. */
+const CONNECT_TIMEOUT_MS = 2000;
 const POLL_MS = 50;
 const KILL_GRACE_MS = 2000;
 
@@ -62,7 +67,7 @@ function canConnect(host: string, port: number): Promise<boolean> {
       s.destroy();
       resolve(ok);
     };
-    s.setTimeout(500, () => done(false));
+    s.setTimeout(CONNECT_TIMEOUT_MS, () => done(false));
     s.once('connect', () => done(true));
     s.once('error', () => done(false));
   });
