@@ -1,5 +1,5 @@
 // Standby takeover benchmark (issue 6: "when the leader dies (kill -9), the standby takes over
-// within 15 s"). Two real daemon processes (bin/polydev-reconciler.js run) share one SQLite
+// within 15 s"). Two real daemon processes (dist/src/main.js run, the compiled build) share one SQLite
 // database with leaderElection.enabled and the shipped timings (lease 15 s, renew deadline 10 s,
 // retry 2 s); desired state is a ProxyPool and 3 ProxyPorts, rules in a network namespace of the
 // bench's own. Per run:
@@ -115,7 +115,7 @@ export async function runStandbyBench(runs: number): Promise<{ figures: BenchFig
     ],
     raw: { runs: all.map((r) => ({ killToLeaderMs: round(r.killToLeaderMs), killToReadyMs: round(r.killToReadyMs), hangToLeaderMs: round(r.hangToLeaderMs) })), worstKillToReadyMs: round(worst) },
     method: {
-      daemons: 'two processes of bin/polydev-reconciler.js run on one database, leaderElection.enabled with the defaults (leaseDuration 15s, renewDeadline 10s, retryPeriod 2s)',
+      daemons: 'two processes of dist/src/main.js run (the compiled build) on one database, leaderElection.enabled with the defaults (leaseDuration 15s, renewDeadline 10s, retryPeriod 2s)',
       desiredState: 'a ProxyPool and 3 ProxyPorts (the bundled example users), iptables in a network namespace of the bench',
       timing: 'from the signal to the standby\'s "became the leader" log line (polled every 10 ms) and to its /readyz answering 200; the signal lands 1-3 s after the standby started, at a random phase of its retry period',
     },

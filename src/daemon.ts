@@ -56,6 +56,9 @@ async function ensureNetns(name: string, logger: Logger): Promise<void> {
   logger.info('created network namespace for iptables', { netns: name });
 }
 
+/** How long a stopping leader may take to write its last statuses back to Kubernetes. */
+export const STATUS_FLUSH_BUDGET_MS = 3000;
+
 /** The lease row of a database: one, whatever the mode (leaseName names the Kubernetes Lease only). */
 const DATABASE_LEASE = 'daemon';
 
@@ -396,6 +399,15 @@ export class Daemon {
     return this.manager.waitConverged(timeoutMs);
   }
 
+  /**
+   * The longest a clean stop() takes: in-flight reconciles get shutdownTimeout, then (source
+   * kubernetes) the last status writes get STATUS_FLUSH_BUDGET_MS. A supervisor's hard-exit timer
+   * must allow at least this much, or a clean stop ends as a failure.
+   */
+  get stopBudgetMs(): number {
+    return this.config.shutdownTimeoutMs + (this.config.source === 'kubernetes' ? STATUS_FLUSH_BUDGET_MS : 0);
+  }
+
   /** Stops taking work, lets in-flight reconciles finish (up to shutdownTimeout), persists, releases the lease. */
   async stop(): Promise<void> {
     if (this.stopped) return;
@@ -415,7 +427,7 @@ export class Daemon {
       await Promise.race([
         this.statusWriter.flush().catch(() => undefined),
         new Promise((r) => {
-          timer = setTimeout(r, 3000);
+          timer = setTimeout(r, STATUS_FLUSH_BUDGET_MS);
         }),
       ]);
       clearTimeout(timer);

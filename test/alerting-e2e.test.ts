@@ -18,7 +18,10 @@ import { ALERTMANAGER_BIN, startAlertmanager, startWebhookReceiver, type Webhook
 import { ALERTS_FILE, PROMETHEUS_BIN, requireBinary, startPrometheus } from './helpers/prometheus.js';
 
 const ALERT = 'PolydevDriftUnrepaired';
-const NOTIFY_TIMEOUT_MS = 45_000;
+// Hang guards, not speed checks (a passing wait costs only its own time): a notification takes a
+// few seconds alone (scrape, evaluation, `for`, group_wait), many times that on a loaded machine.
+const NOTIFY_TIMEOUT_MS = 90_000;
+const PROM_WAIT_MS = 60_000;
 
 /**
  * The shipped rules, with one change: PolydevDriftUnrepaired's `for:` (15m in alerts.yml) is cut
@@ -43,7 +46,8 @@ async function query(promUrl: string, expr: string): Promise<Array<{ metric: Rec
 const isDriftAlert = (a: WebhookAlert) => a.labels.alertname === ALERT && a.labels.kind === 'ProxyPool' && a.labels.name === 'default';
 
 test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the ProxyPool, then RESOLVED once the drift is undone', async (t) => {
-  t.timeout(170_000);
+  // Bounds the waits below (converge 60 s, three Prometheus waits of 60 s, two notifications of 90 s) with room to spare.
+  t.timeout(480_000);
   // Missing binaries fail the test with the package to install (no skip).
   requireBinary(PROMETHEUS_BIN, 'prometheus');
   requireBinary(ALERTMANAGER_BIN, 'prometheus-alertmanager');
@@ -52,7 +56,7 @@ test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the Prox
   const env = await e2eEnv(t);
   env.writeDesired('proxy.yaml', manifest({ driftPolicy: 'warn' }, EXAMPLE_USERS));
   const daemon = await startDaemon(t, env.writeConfig({ desiredStateDir: env.desiredDir }));
-  const report = await daemon.waitConverged(30_000);
+  const report = await daemon.waitConverged(60_000); // hang guard
   t.true(report.converged, JSON.stringify(report.pending));
   const target = new URL(daemon.address!).host;
 
@@ -67,7 +71,10 @@ test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the Prox
   );
   const prom = await startPrometheus(t, {
     config: YAML.stringify({
-      global: { scrape_interval: '1s', evaluation_interval: '1s', scrape_timeout: '1s' },
+      // Scrape timeout 2 s, not 1 s: a scrape of the in-process daemon that misses its timeout (its
+      // event loop stalled by a loaded machine) marks every series stale, which resolves the firing
+      // alert for a moment and sends a RESOLVED while the drift lasts (asserted against below).
+      global: { scrape_interval: '2s', evaluation_interval: '1s', scrape_timeout: '2s' },
       rule_files: ['alerts.yml'],
       alerting: { alertmanagers: [{ api_version: 'v2', static_configs: [{ targets: [new URL(am.url).host] }] }] },
       scrape_configs: [{ job_name: 'polydev-reconciler', static_configs: [{ targets: [target] }] }],
@@ -76,16 +83,16 @@ test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the Prox
   });
 
   // Prometheus scrapes the daemon, sees no drift, and knows the Alertmanager.
-  await waitFor('Prometheus to scrape the daemon', async () => (await query(prom.url, 'up{job="polydev-reconciler"} == 1')).length === 1, 30_000, 250);
+  await waitFor('Prometheus to scrape the daemon', async () => (await query(prom.url, 'up{job="polydev-reconciler"} == 1')).length === 1, PROM_WAIT_MS, 250);
   await waitFor('the drift gauge of ProxyPool/default to be scraped as 0', async () => {
     const r = await query(prom.url, 'polydev_drift_unrepaired{kind="ProxyPool", name="default"}');
     return r.length === 1 && r[0]!.value[1] === '0';
-  }, 30_000, 250);
+  }, PROM_WAIT_MS, 250);
   await waitFor('Prometheus to discover the Alertmanager', async () => {
     const res = await fetch(`${prom.url}/api/v1/alertmanagers`, { signal: AbortSignal.timeout(5000) });
     const body = (await res.json()) as { data: { activeAlertmanagers: unknown[] } };
     return body.data.activeAlertmanagers.length === 1;
-  }, 30_000, 250);
+  }, PROM_WAIT_MS, 250);
   t.false(webhook.notifications.some((n) => n.alerts.some(isDriftAlert)), 'no drift alert before the drift');
 
   // Drift by hand: flush the daemon's nat chain in the test's namespace.

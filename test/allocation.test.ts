@@ -3,6 +3,7 @@
 
 import test from 'ava';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { AdmissionError } from '../src/desired/apply.js';
 import { ADMISSIONS } from '../src/controllers/registry.js';
@@ -10,6 +11,7 @@ import { applyPath } from '../src/desired/apply.js';
 import { ensureUserPort, InvalidInputError, removeUserPort } from '../src/controllers/proxyport/service.js';
 import { boundAllocationOf, listAllocations, PortAllocationError, PortAllocator, releasePort, type PortRange } from '../src/state/allocations.js';
 import type { Store } from '../src/state/store.js';
+import { requireCurrentBuild } from './helpers/build.js';
 import { openStore, poolYaml, REPO_ROOT, tempDir, validator, within, writeFiles } from './helpers/unit-fixtures.js';
 
 const HOUR = 3_600_000;
@@ -238,9 +240,16 @@ test('200 concurrent ensureUserPort calls for distinct users get 200 distinct po
 test('4 processes allocating 50 users each against one database get 200 distinct ports, no SQLITE_BUSY', async (t) => {
   const { store, file } = openStore(t);
   seedPool(t, store);
-  const worker = path.join(REPO_ROOT, 'test', 'helpers', 'unit-allocate-worker.ts');
+  // The workers run compiled (dist/, see helpers/build.ts), not through tsx: four tsx starts cost
+  // some 16 s of CPU, which on a loaded 2-core machine was load for every other test.
+  requireCurrentBuild();
+  const workerSource = path.join(REPO_ROOT, 'test', 'helpers', 'unit-allocate-worker.ts');
+  const worker = path.join(REPO_ROOT, 'dist', 'test', 'helpers', 'unit-allocate-worker.js');
+  if (!fs.existsSync(worker) || fs.statSync(worker).mtimeMs < fs.statSync(workerSource).mtimeMs) {
+    throw new Error(`${worker} is missing or older than ${workerSource}: run \`npm run build\` (npm test compiles before it tests)`);
+  }
   const children = [0, 1, 2, 3].map((w) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', worker, file, `w${w}`, '50', String(100 + w)], {
+    const child = spawn(process.execPath, [worker, file, `w${w}`, '50', String(100 + w)], {
       cwd: REPO_ROOT,
       stdio: ['pipe', 'pipe', 'pipe'],
     });

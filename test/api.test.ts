@@ -442,13 +442,15 @@ test('DELETE /api/v1/proxyports/{userId}: 202, the rule goes, then the resource;
 async function healthSetup(t: ExecutionContext, healthCheck: Record<string, unknown>, daemonOptions: DaemonOptions = {}) {
   const echo = await startIpEcho();
   t.teardown(() => echo.close());
-  const [p1, p2, p3] = [await freePort(), await freePort(), await freePort()];
   const proxies = [];
-  for (const port of [p1, p2]) {
-    const proxy = await startTinyproxy({ port, bind: '127.0.0.2', connectPorts: [echo.port] });
+  for (let i = 0; i < 2; i++) {
+    // Port 0: the helper picks a free port and picks again if another process took it first.
+    const proxy = await startTinyproxy({ port: 0, bind: '127.0.0.2', connectPorts: [echo.port] });
     t.teardown(() => proxy.stop());
     proxies.push(proxy);
   }
+  const [p1, p2] = proxies.map((p) => p.port);
+  const p3 = await freePort(); // nothing listens there: carol's checks fail
   const { env, api, daemon } = await setup(t, {
     // A generous check timeout: on a loaded test machine a short one can miss through tinyproxy,
     // and the failures these tests provoke are refused connections, which are immediate anyway.

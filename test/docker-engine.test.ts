@@ -31,6 +31,13 @@ let seq = 0;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Polls pred every 20 ms until it holds or ms pass; resolves with its last value (a hang guard, not a speed limit). */
+async function eventually(pred: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!(await pred()) && Date.now() < end) await sleep(20);
+  return pred();
+}
+
 function uniq(prefix: string): string {
   seq++;
   return `${prefix}${seq}x${process.pid % 1000}`;
@@ -76,7 +83,8 @@ async function allNames(): Promise<string[]> {
 }
 
 async function sh(id: string, script: string): Promise<{ code: number; out: string; err: string }> {
-  const r = await engine.client.exec(id, ['sh', '-c', script]);
+  // 30 s rather than the client's 10 s default exec timeout: a hang guard for a loaded dockerd.
+  const r = await engine.client.exec(id, ['sh', '-c', script], { timeoutMs: 30_000 });
   return { code: r.exitCode, out: r.stdout.toString('utf8'), err: r.stderr.toString('utf8') };
 }
 
@@ -252,9 +260,14 @@ test('ping: a socket that never answers times out as EngineUnavailable', async (
   try {
     const t0 = performance.now();
     const err = await t.throwsAsync(hung.ping());
+    const took = performance.now() - t0;
     t.is((err as EngineError).reason, 'EngineUnavailable');
     t.regex(err.message, /within 300 ms/);
-    t.true(performance.now() - t0 < 2000);
+    // It was the 300 ms timeout that ended the wait: not sooner (timers never fire early; 250 allows
+    // for clock rounding), and not never. The upper bound is only a hang guard (a stalled event loop
+    // fires the timer late); without the timeout the ping would wait for ever.
+    t.true(took >= 250, `gave up after ${took.toFixed(0)} ms`);
+    t.true(took < 30_000, `gave up after ${took.toFixed(0)} ms`);
   } finally {
     await hung.close();
     srv.closeAllConnections();
@@ -355,9 +368,10 @@ test('start: a container that exits at once is StartFailed (or observed exited) 
   const s = spec(owner, 'quick', { command: ['sh'], args: ['-c', 'exit 3'] });
   try {
     await engine.start(s);
-    // Raced the inspect: it must be exiting now.
-    await sleep(500);
-    const l = await engine.list(owner);
+    // Raced the inspect: it must be exiting now. dockerd records the exit after it happened, which
+    // can take well over the half second the process needs when the machine is loaded: poll (hang guard).
+    let l = await engine.list(owner);
+    await eventually(async () => (l = await engine.list(owner))[0]?.state !== 'running', 30_000);
     t.is(l[0]?.state, 'exited');
     t.is(l[0]?.exitCode, 3);
   } catch (err) {
@@ -377,7 +391,9 @@ test('start: twice with the same slot/name adopts the existing container, also w
   // Stopped (e.g. daemon crashed after create, before start): adopting starts it.
   const k = await d.request('POST', `/containers/${a.id}/kill`);
   t.is(k.status, 204);
-  for (let i = 0; i < 50 && (await engine.list(owner))[0]?.state === 'running'; i++) await sleep(50);
+  // Until dockerd shows it stopped (it may take seconds under load; a hang guard): otherwise the start
+  // below would adopt a running container and this part would test nothing.
+  t.true(await eventually(async () => (await engine.list(owner))[0]?.state === 'exited', 30_000), 'the killed container is seen stopped');
   const c = await engine.start(s);
   t.is(c.id, a.id);
   t.is(c.state, 'running');
@@ -469,7 +485,7 @@ test.serial('inject: env and files land in /run/polydev with mode 600; bad input
   t.is(env.out, `OPENAI_API_KEY=${secret}\nOTHER=a b=c\n`);
   const auth = await sh(c.id, 'cat /run/polydev/files/auth.json');
   t.is(auth.out, `{"key":"${secret}"}`);
-  const cfg = await engine.client.exec(c.id, ['cat', '/run/polydev/files/nested/dir/config.toml']);
+  const cfg = await engine.client.exec(c.id, ['cat', '/run/polydev/files/nested/dir/config.toml'], { timeoutMs: 30_000 });
   t.true(cfg.stdout.equals(Buffer.from(big, 'utf8')), 'large multi-byte content arrives byte-exact');
   const modes = await sh(
     c.id,
@@ -561,31 +577,32 @@ test.serial('watch: start and die events for this owner only; stop() ends the st
   const other = uniq('other');
   const events: EngineEvent[] = [];
   const errors: Error[] = [];
+  // dockerd's count of event subscribers: the watch's subscription is live (and sees the start below)
+  // once it went up. Serial tests run alone, and nothing else in this file watches this dockerd.
+  const listeners = async (): Promise<number> => Number(((await d.request('GET', '/info')).json as Json)['NEventsListener'] ?? 0);
+  const before = await listeners();
   const stop = engine.watch(owner, (e) => events.push(e), (e) => errors.push(e));
-  await sleep(200); // the subscription is live once dockerd answered
+  t.true(await eventually(async () => (await listeners()) > before, 30_000), 'the event subscription reached dockerd');
   const c = await engine.start(spec(owner, 'w', { pool: 'watched' }));
   const foreign = await engine.start(spec(other, 'w'));
-  const waitFor = async (pred: () => boolean, ms: number): Promise<boolean> => {
-    const end = Date.now() + ms;
-    while (!pred() && Date.now() < end) await sleep(20);
-    return pred();
-  };
-  t.true(await waitFor(() => events.some((e) => e.type === 'start' && e.id === c.id), 5000), JSON.stringify(events));
+  // The deadlines below are hang guards (30 s): an event takes as long as dockerd needs under load.
+  const waitFor = (pred: () => boolean, ms: number): Promise<boolean> => eventually(pred, ms);
+  t.true(await waitFor(() => events.some((e) => e.type === 'start' && e.id === c.id), 30_000), JSON.stringify(events));
   const t0 = performance.now();
   const k = await d.request('POST', `/containers/${c.id}/kill`);
   t.is(k.status, 204);
-  t.true(await waitFor(() => events.some((e) => e.type === 'die' && e.id === c.id), 5000), JSON.stringify(events));
+  t.true(await waitFor(() => events.some((e) => e.type === 'die' && e.id === c.id), 30_000), JSON.stringify(events));
   t.log(`die event ${(performance.now() - t0).toFixed(1)} ms after the kill request`);
   t.true(events.every((e) => e.id === c.id && e.pool === 'watched'));
   await engine.remove(c.id);
-  t.true(await waitFor(() => events.some((e) => e.type === 'destroy' && e.id === c.id), 5000));
+  t.true(await waitFor(() => events.some((e) => e.type === 'destroy' && e.id === c.id), 30_000));
 
   stop();
   stop();
   const n = events.length;
   const c2 = await engine.start(spec(owner, 'w2'));
   await engine.remove(c2.id);
-  await sleep(300);
+  await sleep(300); // (a short wait for events that must not come: can only pass falsely under load)
   t.is(events.length, n, 'no events after stop()');
   t.deepEqual(errors, []);
   await engine.remove(foreign.id);
@@ -611,12 +628,12 @@ test('watch: reconnects with backoff after the stream ends, reports it, and stop
   const errors: Error[] = [];
   const stop = fake.watch('own1', (e) => events.push(e), (e) => errors.push(e));
   try {
-    const end = Date.now() + 3000;
-    while (events.length < 3 && Date.now() < end) await sleep(20);
+    // Three connections need 250 + 500 ms of backoff; 30 s is a hang guard for a loaded machine.
+    await eventually(() => events.length >= 3, 30_000);
     t.true(paths.length >= 3, `reconnected ${paths.length} times`);
     stop();
     const count = paths.length;
-    await sleep(1200);
+    await sleep(1200); // (a wait for what must not happen: under load it can only pass falsely)
     t.is(paths.length, count, 'no reconnect after stop()');
     t.deepEqual(events.slice(0, 3).map((e) => e.id), ['c1', 'c2', 'c3']);
     t.true(errors.length >= 2);
@@ -653,13 +670,17 @@ test('watch: an outage is reported once however many retries fail, and its end i
   });
   const stop = fake.watch('own1', () => undefined, (e) => errors.push(e), () => resumed++);
   try {
-    await sleep(1200); // retries after 250, 500 ms: at least three failed attempts
+    // The first failed attempt is reported (polled: on a stalled event loop a fixed sleep could end
+    // first); then retries after 250, 500 ms: at least three failed attempts (fewer under load, which
+    // can only make this pass falsely).
+    t.true(await eventually(() => errors.length > 0, 30_000), 'the outage is reported');
+    await sleep(1200);
     t.is(errors.length, 1, 'one report for the whole outage');
     t.regex(errors[0]!.message, /not reachable/);
     t.is(resumed, 0);
     await new Promise<void>((r) => srv.listen(sock, r));
-    const end = Date.now() + 5000;
-    while (resumed === 0 && Date.now() < end) await sleep(20);
+    // Hang guard: the next retry (backoff up to 10 s) finds the socket.
+    await eventually(() => resumed > 0, 30_000);
     t.is(resumed, 1, 'the end of the outage is announced once');
     t.is(connects, 1);
     t.is(errors.length, 1);

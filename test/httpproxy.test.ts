@@ -18,6 +18,10 @@ import { freePort, startTinyproxy } from './helpers/tinyproxy.js';
 const BIND = '127.0.0.2';
 const USER = 'healthcheck';
 const PASS = 'S3cret-Pa55.word';
+// Check budget against a proxy that answers (tinyproxy, an echo behind it): such a check takes a few ms,
+// but under the suite's load (2 cores, event loops and tinyproxy starved for seconds) 3 s ran out. Only
+// a hung proxy costs it, and the test about timeouts sets its own, so this is a hang guard.
+const ANSWERED_TIMEOUT_MS = 20_000;
 
 test('forward mode: healthy, egress IP is the tinyproxy Bind address seen by the echo server', async (t) => {
   const echo = await startIpEcho();
@@ -30,13 +34,15 @@ test('forward mode: healthy, egress IP is the tinyproxy Bind address seen by the
     proxyPort: proxy.port,
     url: echo.url,
     mode: 'forward',
-    timeoutMs: 3000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
   });
   t.true(r.healthy, r.error);
   t.is(r.egressIP, BIND);
   t.is(r.errorClass, undefined);
   t.is(typeof r.latencyMs, 'number');
-  t.true(r.latencyMs! >= 0 && r.latencyMs! < 3000);
+  // Reported and within the budget; how small is not asserted (a loaded machine makes it anything up
+  // to the budget). No benchmark under bench/ covers the health check's latency (none did before either).
+  t.true(r.latencyMs! >= 0 && r.latencyMs! < ANSWERED_TIMEOUT_MS);
   t.is(r.latencyMs, Math.round(r.latencyMs! * 10) / 10);
   t.is(echo.requests, 1);
 });
@@ -52,7 +58,7 @@ test('connect mode: healthy through a CONNECT tunnel (JSON echo)', async (t) => 
     proxyPort: proxy.port,
     url: echo.url,
     mode: 'connect',
-    timeoutMs: 3000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
   });
   t.true(r.healthy, r.error);
   t.is(r.egressIP, BIND);
@@ -71,7 +77,7 @@ test('connect mode: a CONNECT port tinyproxy does not allow is a proxyError', as
     proxyPort: proxy.port,
     url: echo.url,
     mode: 'connect',
-    timeoutMs: 3000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
   });
   t.false(r.healthy);
   t.is(r.errorClass, 'proxyError');
@@ -91,7 +97,7 @@ test('basic auth: right credentials healthy, wrong or missing ones proxyAuth, in
   t.teardown(() => proxy.stop());
 
   for (const mode of ['forward', 'connect'] as const) {
-    const base = { proxyHost: '127.0.0.1', proxyPort: proxy.port, url: echo.url, mode, timeoutMs: 3000 };
+    const base = { proxyHost: '127.0.0.1', proxyPort: proxy.port, url: echo.url, mode, timeoutMs: ANSWERED_TIMEOUT_MS };
 
     const ok = await checkThroughProxy({ ...base, credentials: { username: USER, password: PASS } });
     t.true(ok.healthy, `${mode}: ${ok.error}`);
@@ -114,21 +120,36 @@ test('basic auth: right credentials healthy, wrong or missing ones proxyAuth, in
 
 test('nothing listening on the proxy port: refused, quickly', async (t) => {
   const port = await freePort();
+  // "Quickly" = on the refusal, not at the deadline: errorClass refused (a wait would end as 'timeout'),
+  // and far below a long budget. The bound is a hang guard, not a speed figure (a loaded machine stalls).
+  const timeoutMs = 30_000;
   const t0 = performance.now();
   const r = await checkThroughProxy({
     proxyHost: '127.0.0.1',
     proxyPort: port,
     url: 'http://127.0.0.1:9/',
     mode: 'forward',
-    timeoutMs: 5000,
+    timeoutMs,
   });
   const elapsed = performance.now() - t0;
   t.false(r.healthy);
   t.is(r.errorClass, 'refused');
   t.is(r.latencyMs, null);
   t.is(r.egressIP, null);
-  t.true(elapsed < 1000, `took ${elapsed} ms`);
+  t.true(elapsed < timeoutMs / 3, `took ${elapsed} ms`);
 });
+
+/** A timer of `ms` started now; `fired` says whether it ran (event-loop time, see its use). */
+function lateTimer(ms: number): { readonly fired: boolean; cancel: () => void } {
+  let fired = false;
+  const timer = setTimeout(() => (fired = true), ms);
+  return {
+    get fired() {
+      return fired;
+    },
+    cancel: () => clearTimeout(timer),
+  };
+}
 
 test('proxy that accepts and never answers: timeout at the deadline, socket destroyed', async (t) => {
   const sockets = new Set<net.Socket>();
@@ -155,7 +176,12 @@ test('proxy that accepts and never answers: timeout at the deadline, socket dest
   const port = (silent.address() as net.AddressInfo).port;
 
   for (const mode of ['forward', 'connect'] as const) {
-    const timeoutMs = 400;
+    const timeoutMs = 400; // the behaviour under test: only the (silent) proxy is slow
+    // "At the deadline": settled before a timer of timeoutMs + 400 ms started just before the check fires.
+    // Event-loop time, so a stalled loop delays both alike (a wall-clock bound can fail under load); the
+    // check arms its own timeout synchronously, after this one, with the shorter delay.
+    const late = lateTimer(timeoutMs + 400);
+    t.teardown(late.cancel);
     const t0 = performance.now();
     const r = await checkThroughProxy({
       proxyHost: '127.0.0.1',
@@ -168,10 +194,11 @@ test('proxy that accepts and never answers: timeout at the deadline, socket dest
     t.false(r.healthy);
     t.is(r.errorClass, 'timeout', `${mode}: ${r.error}`);
     t.true(elapsed >= timeoutMs - 2, `${mode}: returned after ${elapsed} ms, before the ${timeoutMs} ms deadline`);
-    t.true(elapsed < timeoutMs + 2000, `${mode}: returned after ${elapsed} ms`);
+    t.false(late.fired, `${mode}: returned after ${elapsed} ms, later than timeoutMs + 400 ms of event-loop time`);
   }
-  // The driver destroyed its sockets: the server sees both connections close.
-  const until = Date.now() + 2000;
+  // The driver destroyed its sockets: the server sees both connections close. Polled; the deadline is a
+  // hang guard (sockets that stay open never close, so a generous one costs nothing when it works).
+  const until = Date.now() + 15_000;
   while (closed < 2 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
   t.is(closed, 2);
 });
@@ -188,7 +215,7 @@ test('echo server answering garbage: badResponse (through real tinyproxy)', asyn
       proxyPort: proxy.port,
       url: echo.url,
       mode,
-      timeoutMs: 3000,
+      timeoutMs: ANSWERED_TIMEOUT_MS,
     });
     t.false(r.healthy);
     t.is(r.errorClass, 'badResponse', `${mode}: ${r.error}`);
@@ -206,7 +233,7 @@ test('oversized body is capped: badResponse', async (t) => {
     proxyPort: proxy.port,
     url: echo.url,
     mode: 'forward',
-    timeoutMs: 3000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
   });
   t.is(r.errorClass, 'badResponse');
   t.regex(r.error ?? '', /exceeds/);
@@ -221,7 +248,7 @@ test('upstream target down: tinyproxy answers 5xx, proxyError', async (t) => {
     proxyPort: proxy.port,
     url: `http://127.0.0.1:${dead}/`,
     mode: 'forward',
-    timeoutMs: 3000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
   });
   t.false(r.healthy);
   t.is(r.errorClass, 'proxyError');
@@ -304,7 +331,7 @@ test('checkMany against real tinyproxy: several ports checked, order preserved',
   const dead = await freePort();
   const targets = [a.port, dead, b.port, a.port];
   const results = await checkMany(targets, 2, (port) =>
-    checkThroughProxy({ proxyHost: '127.0.0.1', proxyPort: port, url: echo.url, mode: 'forward', timeoutMs: 3000 }),
+    checkThroughProxy({ proxyHost: '127.0.0.1', proxyPort: port, url: echo.url, mode: 'forward', timeoutMs: ANSWERED_TIMEOUT_MS }),
   );
   t.deepEqual(
     results.map((r) => r.result.egressIP),

@@ -76,7 +76,10 @@ async function setup(t: ExecutionContext, backend: Backend, addresses: string[] 
   return {
     ns,
     driver,
-    iptables: async (args) => (await ns.exec(bin, ['-w', '5', ...args])).stdout,
+    // -w: the legacy backend's xtables lock (/run/xtables.lock) is one for all namespaces, shared with every
+    // concurrent test and file; under load a holder (e.g. a big restore) can keep it for more than 5 s.
+    // Waiting for it is never what a test checks, so the wait (and the exec's kill timer) are hang guards.
+    iptables: async (args) => (await ns.exec(bin, ['-w', '60', ...args], { timeoutMs: 90_000 })).stdout,
   };
 }
 
@@ -253,7 +256,7 @@ test('driver: sbin binaries are found without them in PATH; bad netns names are 
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     let buf = '';
-    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000); // hang guard: a tsx start, slow under load
     child.stdout.on('data', (b: Buffer) => (buf += b.toString()));
     child.on('error', reject);
     child.on('close', (c) => {
@@ -276,12 +279,15 @@ test('driver: every process is SIGKILLed when it exceeds its timeout', async (t)
   let pid: number | undefined;
   const t0 = performance.now();
   const res = await runProcess(sleep, ['30'], null, 200, (p) => (pid = p));
-  t.true(performance.now() - t0 < 5000);
+  // Killed at the 200 ms timeout, not after the 30 s sleep: a hang guard far below 30 s, not a speed
+  // figure (a process start alone can take seconds on a loaded machine).
+  t.true(performance.now() - t0 < 15_000);
   t.true(res.timedOut);
   t.is(res.signal, 'SIGKILL');
   t.truthy(pid);
   t.throws(() => process.kill(pid!, 0), { code: 'ESRCH' }, 'the child is gone');
-  const ok = await runProcess(findExecutable('cat')!, [], 'payload on stdin', 5000);
+  // Not about the timeout: a generous one, so a slow process start on a loaded machine is no failure.
+  const ok = await runProcess(findExecutable('cat')!, [], 'payload on stdin', 30_000);
   t.false(ok.timedOut);
   t.is(ok.stdout, 'payload on stdin');
 });
@@ -557,7 +563,8 @@ for (const backend of BACKENDS) {
     };
     t.teardown(kill);
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('listener did not start')), 10_000);
+      // Hang guard: a node start in the namespace, 5-20x slower under the suite's load.
+      const timer = setTimeout(() => reject(new Error('listener did not start')), 30_000);
       let buf = '';
       child.stdout.on('data', (b: Buffer) => {
         buf += b.toString();
@@ -574,11 +581,14 @@ for (const backend of BACKENDS) {
         const net = require('node:net');
         const s = net.connect({ host: ${JSON.stringify(to)}, port: ${port}, localAddress: ${JSON.stringify(from)} });
         let data = '';
-        s.setTimeout(3000, () => { console.log('ERR timeout'); process.exit(0); });
+        s.setTimeout(20000, () => { console.log('ERR timeout'); process.exit(0); });
         s.on('data', (d) => { data += d; });
         s.on('end', () => { console.log('OK ' + data.trim()); process.exit(0); });
         s.on('error', (e) => { console.log('ERR ' + e.code); process.exit(0); });`;
-      return (await ns.exec(process.execPath, ['-e', script], { timeoutMs: 15_000 })).stdout.trim();
+      // Every expected outcome is immediate (refused, or the upstream's answer); 'ERR timeout' fails the
+      // test anyway, so the socket timeout and the exec's kill timer are hang guards for a starved node
+      // start and a starved listener on a loaded machine.
+      return (await ns.exec(process.execPath, ['-e', script], { timeoutMs: 60_000 })).stdout.trim();
     };
 
     t.is(await connect('127.0.0.11'), 'ERR ECONNREFUSED', 'nothing listens on :80 before the rules');

@@ -10,7 +10,16 @@ import { capturedLogger, startFakeKube, writeKubeconfig, type FakeKube } from '.
 import { eventually, within } from './helpers/unit-fixtures.js';
 
 const NS = 'polydev';
-const TIMINGS: LeaderElectionTimings = { leaseDurationMs: 1500, renewDeadlineMs: 800, retryPeriodMs: 200 };
+// Scaled up from 1500/800/200: every elector and the fake API server share one event loop, and on a
+// loaded machine a stall of a second (longer than renewDeadline − retryPeriod was) made the leader
+// lose its lease for real, or the standby take an unexpired one. The relations under test (renew
+// within renewDeadline, take over after leaseDuration, lose before anyone takes over) are the same.
+// 4.5 s is stored as 5 whole seconds: the rounding up is still exercised.
+const TIMINGS: LeaderElectionTimings = { leaseDurationMs: 4500, renewDeadlineMs: 3000, retryPeriodMs: 300 };
+/** The lease duration as stored (whole seconds, rounded up), which a standby honours. */
+const STORED_LEASE_MS = 5000;
+/** Hang guard of waits for an election step (a passing wait costs only its own time). */
+const WAIT_MS = 30_000;
 const MICRO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/;
 
 interface Candidate {
@@ -54,13 +63,13 @@ test('two candidates on one Lease: exactly one leads, with a client-go shaped re
   const { fake, candidates } = await setup(t, 2);
   const [a, b] = candidates as [Candidate, Candidate];
   const acquired = acquireAll(t, [a, b]);
-  await within(Promise.race(acquired), 5000, 'a leader');
-  await new Promise((r) => setTimeout(r, 2 * TIMINGS.leaseDurationMs)); // the leader keeps renewing past a lease duration
+  await within(Promise.race(acquired), WAIT_MS, 'a leader');
+  await new Promise((r) => setTimeout(r, STORED_LEASE_MS + 1500)); // the leader keeps renewing past a lease duration
   t.is([a, b].filter((c) => c.elector.isLeader()).length, 1);
   const leader = a.elector.isLeader() ? a : b;
   const s = spec(fake)!;
   t.is(s.holderIdentity, leader.elector.identity);
-  t.is(s.leaseDurationSeconds, 2);
+  t.is(s.leaseDurationSeconds, 5, '4.5 s, rounded up');
   t.is(s.leaseTransitions, 0);
   t.regex(s.acquireTime!, MICRO);
   t.regex(s.renewTime!, MICRO);
@@ -73,7 +82,7 @@ test('release hands the lease over at once, with leaseTransitions incremented', 
   const { fake, candidates } = await setup(t, 2);
   const [a, b] = candidates as [Candidate, Candidate];
   const [aDone] = acquireAll(t, [a]);
-  await within(aDone!, 5000, 'a leads');
+  await within(aDone!, WAIT_MS, 'a leads');
   const [bDone] = acquireAll(t, [b]);
   await new Promise((r) => setTimeout(r, 500));
   t.false(b.elector.isLeader(), 'b waits while a renews');
@@ -81,9 +90,9 @@ test('release hands the lease over at once, with leaseTransitions incremented', 
   await a.elector.release();
   t.false(a.elector.isLeader());
   t.is(spec(fake)!.holderIdentity, '');
-  t.is(spec(fake)!.leaseDurationSeconds, 2, 'the duration is kept');
-  const bAt = await within(bDone!, 5000, 'b leads');
-  t.true(bAt - releasedAt < TIMINGS.leaseDurationMs, 'a released lease is not waited out');
+  t.is(spec(fake)!.leaseDurationSeconds, 5, 'the duration is kept');
+  const bAt = await within(bDone!, WAIT_MS, 'b leads');
+  t.true(bAt - releasedAt < STORED_LEASE_MS, `a released lease is not waited out (b led ${bAt - releasedAt} ms after the release)`);
   t.is(spec(fake)!.holderIdentity, 'candidate-1');
   t.is(spec(fake)!.leaseTransitions, 1);
   t.deepEqual(a.lost, [], 'giving the lease up is not losing it');
@@ -93,18 +102,20 @@ test('a holder that stops renewing is taken over after the lease duration; it re
   const { fake, candidates } = await setup(t, 2);
   const [a, b] = candidates as [Candidate, Candidate];
   const [aDone] = acquireAll(t, [a]);
-  await within(aDone!, 5000, 'a leads');
+  await within(aDone!, WAIT_MS, 'a leads');
   const [bDone] = acquireAll(t, [b]);
   await new Promise((r) => setTimeout(r, 400));
   t.false(b.elector.isLeader());
   // a is cut off from the API server (killed, frozen or partitioned): it cannot renew.
-  const cutAt = Date.now();
   fake.blockToken(a.token);
-  const bAt = await within(bDone!, 10_000, 'b takes over');
-  t.true(bAt - cutAt >= TIMINGS.leaseDurationMs, 'not before the lease duration has passed');
+  // Measured from a's last renewal in the record, not from the cut: on a loaded machine that
+  // renewal may lie well before the cut (and b's reads of it late after it was written).
+  const lastRenewal = Date.parse(spec(fake)!.renewTime!);
+  const bAt = await within(bDone!, WAIT_MS, 'b takes over');
+  t.true(bAt - lastRenewal >= TIMINGS.leaseDurationMs, `not before the lease duration has passed (${bAt - lastRenewal} ms after the last renewal)`);
   t.is(spec(fake)!.holderIdentity, 'candidate-1');
   t.is(spec(fake)!.leaseTransitions, 1);
-  await eventually(() => a.lost.length === 1, 'a notices', 5000);
+  await eventually(() => a.lost.length === 1, 'a notices', WAIT_MS);
   t.false(a.elector.isLeader());
   t.true(a.lost[0]! <= bAt, 'the old leader stopped acting before the new one started');
 });
@@ -113,12 +124,12 @@ test('a leader that finds another holder in the record loses at once (onLost onc
   const { fake, candidates, logs } = await setup(t, 1);
   const [a] = candidates as [Candidate];
   const [aDone] = acquireAll(t, [a]);
-  await within(aDone!, 5000, 'a leads');
+  await within(aDone!, WAIT_MS, 'a leads');
   fake.putLease(NS, 'polydev-reconciler', (s) => {
     s.holderIdentity = 'someone-else';
     s.renewTime = new Date().toISOString().replace('Z', '000Z');
   });
-  await eventually(() => a.lost.length > 0, 'onLost', 5000);
+  await eventually(() => a.lost.length > 0, 'onLost', WAIT_MS);
   t.false(a.elector.isLeader());
   await new Promise((r) => setTimeout(r, 3 * TIMINGS.retryPeriodMs));
   t.is(a.lost.length, 1);
@@ -131,11 +142,11 @@ test('acquire rejects with an AbortError when the signal aborts first', async (t
   const { candidates } = await setup(t, 2);
   const [a, b] = candidates as [Candidate, Candidate];
   const [aDone] = acquireAll(t, [a]);
-  await within(aDone!, 5000, 'a leads');
+  await within(aDone!, WAIT_MS, 'a leads');
   const abort = new AbortController();
   const pending = b.elector.acquire(abort.signal);
   setTimeout(() => abort.abort(), 300);
-  const err = await t.throwsAsync(within(pending, 5000, 'the abort'));
+  const err = await t.throwsAsync(within(pending, WAIT_MS, 'the abort'));
   t.true(err instanceof AbortError);
   t.false(b.elector.isLeader());
 });

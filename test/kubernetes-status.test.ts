@@ -111,7 +111,9 @@ test('a burst of status changes is coalesced, and unchanged status is not writte
 
 test('an object deleted in Kubernetes is dropped, not retried', async (t) => {
   const { fake, store, logs } = await setup(t, (fake) => void fake.create('proxypools', NS, poolBody('gone')));
-  await new Promise((r) => setTimeout(r, 100));
+  // The source's watches are up (so that dropping them below hides the delete from it). Was a
+  // 100 ms sleep, which a loaded machine can outlast.
+  await eventually(() => fake.openWatches === 4, 'four watches');
   // The delete and the status change race: the writer finds the object gone.
   fake.dropWatches();
   fake.delete('proxypools', NS, 'gone');
@@ -126,10 +128,10 @@ test('failed writes are retried with backoff until they land', async (t) => {
   const { fake, store, logs } = await setup(t, (fake) => void fake.create('proxypools', NS, poolBody('flaky')));
   fake.blockToken(fake.token);
   store.setStatus('ProxyPool', 'flaky', status(1, 'Ready'));
-  await eventually(() => logs().includes('cannot write status to Kubernetes; retrying'), 'a failure', 5000);
+  await eventually(() => logs().includes('cannot write status to Kubernetes; retrying'), 'a failure');
   t.is(fake.get('proxypools', NS, 'flaky')?.status, undefined);
   fake.blockToken(fake.token, false);
-  await eventually(() => fake.get('proxypools', NS, 'flaky')?.status?.phase === 'Ready', 'the retried write', 5000);
+  await eventually(() => fake.get('proxypools', NS, 'flaky')?.status?.phase === 'Ready', 'the retried write');
   t.false(logs().includes(fake.token), 'the token is in no log line');
 });
 

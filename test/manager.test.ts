@@ -31,7 +31,7 @@ test('a real change cuts a backoff short (only resync respects it)', async (t) =
   while (!seen.includes('b') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
   t.deepEqual(seen, [], 'start honours the stored deadline');
   store.upsertResource({ kind: 'WarmPool', name: 'b', spec: { changed: true }, source: 'apply' });
-  const deadline2 = Date.now() + 3000;
+  const deadline2 = Date.now() + 30_000; // hang guard: the loop ends as soon as b has run
   while (!seen.includes('b') && Date.now() < deadline2) await new Promise((r) => setTimeout(r, 10));
   t.deepEqual(seen, ['b']);
 });
@@ -51,7 +51,7 @@ test('mayAct: while the lease is not provably ours nothing is reconciled; the ke
   await new Promise((r) => setTimeout(r, 1500));
   t.deepEqual(seen, [], 'a stalled leader acts on nothing');
   mayAct = true;
-  const deadline = Date.now() + 5000;
+  const deadline = Date.now() + 30_000; // hang guard: the loop ends as soon as a has run
   while (!seen.includes('a') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
   t.deepEqual(seen, ['a'], 'the key was kept, and runs once the lease is fresh again');
 });

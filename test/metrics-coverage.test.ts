@@ -17,6 +17,10 @@ import { EXAMPLE_USERS, e2eEnv, manifest, metricValue, startDaemon, waitFor } fr
 import { ALERTS_FILE, DASHBOARD_FILE } from './helpers/prometheus.js';
 import { poolsYaml } from './helpers/warmpool-env.js';
 
+// Hang guard of the waits on the daemon (a passing wait costs only its own time): converging,
+// starting processes and five failed reconciles take many times longer on a loaded machine.
+const WAIT_MS = 90_000;
+
 const PROMQL_KEYWORDS = new Set(['and', 'or', 'unless', 'bool', 'offset', 'by', 'without', 'on', 'ignoring', 'group_left', 'group_right', 'inf', 'nan']);
 
 /**
@@ -131,7 +135,7 @@ async function runningDaemon(t: ExecutionContext): Promise<Running> {
     if (res.status !== 200) throw new Error(`/metrics answered ${res.status}`);
     return res.text();
   };
-  await waitFor('ProxyPool/default Ready', () => daemon.store.getResource('ProxyPool', 'default')?.status?.phase === 'Ready', 30_000);
+  await waitFor('ProxyPool/default Ready', () => daemon.store.getResource('ProxyPool', 'default')?.status?.phase === 'Ready', WAIT_MS);
   return { daemon, scrape };
 }
 
@@ -159,6 +163,7 @@ test('every metric the alert rules and the dashboard query is in the daemon\'s /
 });
 
 test('per-resource gauges follow the store: phase, Ready reason (EngineUnavailable, then Degraded), warm pool sizes', async (t) => {
+  t.timeout(360_000); // a hang guard above ava's 120 s default: three waits of up to WAIT_MS
   const { scrape } = await runningDaemon(t);
   let text = await scrape();
   t.is(metricValue(text, 'polydev_resource_phase', { kind: 'ProxyPool', name: 'default', phase: 'Ready' }), 1);
@@ -178,14 +183,14 @@ test('per-resource gauges follow the store: phase, Ready reason (EngineUnavailab
       metricValue(s, 'polydev_warm_pool_containers', { pool: 'dev', state: 'warm' }) === 2
       ? s
       : undefined;
-  }, 30_000);
+  }, WAIT_MS);
   t.is(metricValue(text, 'polydev_resource_ready', { kind: 'WarmPool', name: 'dev', reason: 'Converged' }), 1);
 
   // The Docker pool: Ready=False with reason EngineUnavailable, and Degraded after 5 failures in a row.
   text = await waitFor('WarmPool/nodocker Degraded', async () => {
     const s = await scrape();
     return metricValue(s, 'polydev_resource_phase', { kind: 'WarmPool', name: 'nodocker', phase: 'Degraded' }) === 1 ? s : undefined;
-  }, 30_000);
+  }, WAIT_MS);
   t.is(metricValue(text, 'polydev_resource_ready', { kind: 'WarmPool', name: 'nodocker', reason: 'EngineUnavailable' }), 0);
   t.is(metricValue(text, 'polydev_resource_phase', { kind: 'WarmPool', name: 'nodocker', phase: 'Backoff' }), undefined, 'the old phase is gone');
   t.is(metricValue(text, 'polydev_warm_pool_containers', { pool: 'nodocker', state: 'warm' }), undefined);

@@ -48,7 +48,10 @@ test.serial('a daemon with notify.targets sends a firing alert of its own state,
   seed.close();
 
   const daemon = await startDaemon(t, cfgFile);
-  const [firing] = await am.waitFor(1, 30_000);
+  // The waits below are hang guards (a passing wait costs only its own time): generous for a
+  // loaded machine, where the daemon's start and first evaluations take many times longer.
+  const WAIT_MS = 90_000;
+  const [firing] = await am.waitFor(1, WAIT_MS);
   const body = firing!.body as { status: string; alerts: Array<{ status: string; labels: Record<string, string>; startsAt: string }> };
   t.is(body.status, 'firing');
   const alert = body.alerts.find((a) => a.labels.alertname === 'PolydevEngineUnavailable');
@@ -58,7 +61,7 @@ test.serial('a daemon with notify.targets sends a firing alert of its own state,
   // Fired once the condition had lasted the rule's `for` (2m), as Prometheus's startsAt does: counted
   // from when the condition began an hour ago, not from when this daemon started.
   t.is(alert!.startsAt, new Date(Date.parse(hourAgo) + 120_000).toISOString());
-  const [chat] = await slack.waitFor(1, 30_000);
+  const [chat] = await slack.waitFor(1, WAIT_MS);
   t.regex(JSON.stringify(chat!.body), /PolydevEngineUnavailable|gpu/);
   t.is(daemon.store.getStatus('WarmPool', 'gpu')?.conditions.find((c) => c.type === 'Ready')?.reason, 'EngineUnavailable',
     'the daemon reconciled the pool and it is still without its engine');
@@ -69,11 +72,11 @@ test.serial('a daemon with notify.targets sends a firing alert of its own state,
 
   // The pool goes away (removed outright: its teardown would wait for the missing engine): the alert resolves, once.
   daemon.store.removeResource('WarmPool', 'gpu');
-  await waitFor('the resolve', () => am.received.some((r) => (r.body as { status: string }).status === 'resolved'), 30_000, 100);
+  await waitFor('the resolve', () => am.received.some((r) => (r.body as { status: string }).status === 'resolved'), WAIT_MS, 100);
   const resolved = am.received.find((r) => (r.body as { status: string }).status === 'resolved')!.body as typeof body;
   t.is(resolved.alerts[0]!.labels.alertname, 'PolydevEngineUnavailable');
   t.is(resolved.alerts[0]!.status, 'resolved');
-  await waitFor('the slack resolve', () => slack.received.length >= 2, 30_000, 100);
+  await waitFor('the slack resolve', () => slack.received.length >= 2, WAIT_MS, 100);
   await new Promise((r) => setTimeout(r, 1000));
   t.is(am.received.length, 2, 'one firing, one resolved');
 });

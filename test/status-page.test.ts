@@ -25,7 +25,10 @@ interface PageGlobals {
   __sameDocument?: boolean;
 }
 
-const UI_WAIT_MS = 20_000;
+// Hang guard of every wait on the page (a passing wait costs only its own time): the page polls
+// every 2 s, and on a loaded machine a process start, a poll and Chromium's rendering each take
+// many times longer than alone.
+const UI_WAIT_MS = 60_000;
 const SECRET = 'sk-status-page-secret-0123456789';
 
 // ---------------------------------------------------------------------------
@@ -137,7 +140,7 @@ async function launch(t: ExecutionContext): Promise<BrowserContext> {
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
       '--disable-component-update', '--disable-sync'],
-    timeout: 30_000,
+    timeout: 90_000, // hang guard: Chromium starts in a second or two alone, far slower on a loaded machine
   });
   // Registered after the profile's removal, so it runs first (ava runs teardowns last-in first-out).
   t.teardown(() => context.close());
@@ -168,6 +171,8 @@ async function cleanupPools(p: PoolEnv, owner: string): Promise<void> {
 }
 
 test('the page shows every resource, updates by itself, escapes names, talks to its own origin only, and says when the daemon is gone', async (t) => {
+  // A hang guard above ava's 120 s default: a browser, a daemon and a dozen waits of up to UI_WAIT_MS each.
+  t.timeout(300_000);
   const web = (size: number): WarmPoolOptions => ({ name: 'web', engine: 'process', command: ['sleep', '300'], size, maxSize: 3, env: { API_KEY: SECRET } });
   const p = await poolEnv(t, undefined, [web(1)]);
   const owner = installationId(p.daemon.store);
@@ -202,7 +207,7 @@ test('the page shows every resource, updates by itself, escapes names, talks to 
     if (f === page.mainFrame()) navigations++;
   });
 
-  await page.goto(`${origin}/`, { timeout: 30_000 });
+  await page.goto(`${origin}/`, { timeout: UI_WAIT_MS });
   t.is(await page.title(), 'polydev-reconciler status');
   let cells = await waitRow(page, 'web in the resources table, Ready', 'resources-body', 'WarmPool', 'web', (c) => c?.[2] === 'Ready');
   t.is(cells![0], 'WarmPool');
@@ -211,8 +216,10 @@ test('the page shows every resource, updates by itself, escapes names, talks to 
   t.is(cells![5], 'never', 'no drift yet');
   cells = await waitRow(page, 'web filled 1/1', 'warmpools-body', 'WarmPool', 'web', (c) => c?.[3] === '1 / 1');
   t.is(cells![4], '3', 'maxSize');
-  t.is(await page.locator('#conn').getAttribute('data-state'), 'ok');
-  t.is(await page.locator('#ready').textContent(), 'ready');
+  // Waited for rather than read once: a poll of the page that the loaded machine stretches past the
+  // page's own 5 s request timeout shows "Cannot reach the daemon" until the next poll succeeds.
+  await waitFor('the page connected', async () => (await page.locator('#conn').getAttribute('data-state')) === 'ok', UI_WAIT_MS, 100);
+  await waitFor('the page saying ready', async () => (await page.locator('#ready').textContent()) === 'ready', UI_WAIT_MS, 100);
   const firstUpdate = await page.locator('#updated').getAttribute('datetime');
   t.truthy(firstUpdate);
   // Accessible structure: real tables with captions and column headers.

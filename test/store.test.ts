@@ -10,6 +10,7 @@ import { Lease, LeaseHeldError, SqliteLeaderElector } from '../src/state/lease.j
 import { MIGRATIONS } from '../src/state/migrations.js';
 import { Store } from '../src/state/store.js';
 import type { Change } from '../src/state/types.js';
+import { requireCurrentBuild } from './helpers/build.js';
 import { openStore, REPO_ROOT, tempDir, within } from './helpers/unit-fixtures.js';
 
 const spec = (n: number) => ({ userId: `u${n}`, sourceIP: `10.0.0.${n}` });
@@ -32,7 +33,7 @@ test('background checkpoints: commits never checkpoint, a worker thread copies t
   cp.checkpointNow();
   await within((async () => {
     while (!results.some((r) => r.log > 1000 && r.checkpointed === r.log)) await new Promise((r) => setTimeout(r, 20));
-  })(), 10_000, 'a full checkpoint by the worker');
+  })(), 60_000, 'a full checkpoint by the worker'); // hang guard: a worker thread's start and a 6 MB checkpoint, on a loaded machine
   // The next commit starts the log over: it does not keep growing.
   store.upsertResource({ kind: 'ProxyPort', name: 'after', spec: spec(2), source: 'apply' });
   const db = new Database(file, { readonly: true });
@@ -53,7 +54,7 @@ test('background checkpoints: a worker that cannot start gives the connection it
   const cp = new BackgroundCheckpointer(store.db, store.file, { intervalMs: 1000, onError: (m) => errors.push(m) }, '/nonexistent/better-sqlite3');
   await within((async () => {
     while (errors.length === 0) await new Promise((r) => setTimeout(r, 20));
-  })(), 10_000, 'the worker failure');
+  })(), 60_000, 'the worker failure'); // hang guard
   t.regex(errors[0]!, /nonexistent/);
   t.false(cp.running);
   t.is(store.db.pragma('wal_autocheckpoint', { simple: true }), 1000);
@@ -384,17 +385,20 @@ test('a second lease on the same database file is refused with a message naming 
 
 test('a lease whose holder died on this host is taken over at once', async (t) => {
   const { store, file } = openStore(t);
-  // A real process takes the lease and exits without releasing it (a crash).
+  // A real process takes the lease and exits without releasing it (a crash). It runs the compiled
+  // build (dist/, see helpers/build.ts), not the sources through tsx: a tsx start costs some 4 s of
+  // CPU, which a loaded machine can ill afford.
+  requireCurrentBuild();
   const script = `
-    import { Store } from './src/state/store.ts';
-    import { Lease } from './src/state/lease.ts';
+    import { Store } from './dist/src/state/store.js';
+    import { Lease } from './dist/src/state/lease.js';
     const s = new Store(${JSON.stringify(file)});
     new Lease(s).acquire();
     s.close();
     process.stdout.write(String(process.pid));
     process.exit(0);
   `;
-  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
     cwd: REPO_ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -407,13 +411,49 @@ test('a lease whose holder died on this host is taken over at once', async (t) =
   const deadPid = Number(stdout);
   const row = store.db.prepare('SELECT pid, renewed_at FROM leases WHERE name = ?').get('daemon') as { pid: number; renewed_at: number };
   t.is(row.pid, deadPid, 'the crashed holder left its lease behind');
-  t.true(row.renewed_at + 15_000 > Date.now(), 'and it has not expired yet');
+  // Judged with a 2-minute ttl (not the default 15 s): the takeover below must be owed to the dead
+  // pid, not to an expiry that a slow child exit on a loaded machine could let happen first.
+  const TTL_MS = 120_000;
+  t.true(row.renewed_at + TTL_MS > Date.now(), 'and it has not expired yet');
 
-  const lease = new Lease(store);
+  const lease = new Lease(store, 'daemon', TTL_MS);
   t.notThrows(() => lease.acquire());
   t.teardown(() => lease.release());
   const now = store.db.prepare('SELECT pid, holder FROM leases WHERE name = ?').get('daemon') as { pid: number; holder: string };
   t.deepEqual(now, { pid: process.pid, holder: lease.holder });
+});
+
+test('a lease whose holder is dead but not reaped yet (a zombie) is taken over at once', async (t) => {
+  const { store } = openStore(t);
+  // `sleep 0.2` is the child of a process that never waits for it (sh execs into `sleep 60`): once
+  // it ends it stays a zombie, for which kill(pid, 0) still succeeds.
+  const parent = spawn('sh', ['-c', 'sleep 0.2 & echo $!; exec sleep 60'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.teardown(() => parent.kill('SIGKILL'));
+  const pid = Number(await within(new Promise<string>((resolve) => parent.stdout.once('data', (d: Buffer) => resolve(d.toString()))), 30_000, 'the child pid'));
+  const state = () => {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+      return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    } catch {
+      return 'gone';
+    }
+  };
+  await within((async () => {
+    while (state() !== 'Z') await new Promise((r) => setTimeout(r, 20));
+  })(), 30_000, 'the child to be a zombie');
+  t.notThrows(() => process.kill(pid, 0), 'kill(pid, 0) alone would call it alive');
+  // The row as a holder on this host writes it (the host identity read off a lease of our own).
+  const probe = new Lease(store, 'probe', 120_000);
+  probe.acquire();
+  const { hostname } = store.db.prepare('SELECT hostname FROM leases WHERE name = ?').get('probe') as { hostname: string };
+  probe.release();
+  store.db
+    .prepare('INSERT INTO leases (name, holder, pid, hostname, acquired_at, renewed_at) VALUES (?, ?, ?, ?, ?, ?)')
+    .run('daemon', 'crashed', pid, hostname, new Date().toISOString(), Date.now());
+  const lease = new Lease(store, 'daemon', 120_000);
+  t.notThrows(() => lease.acquire());
+  t.teardown(() => lease.release());
+  t.is((store.db.prepare('SELECT holder FROM leases WHERE name = ?').get('daemon') as { holder: string }).holder, lease.holder);
 });
 
 test('an expired lease is taken over even when its holder looks alive', (t) => {
@@ -461,7 +501,10 @@ test('leader election on the database: one leads, a hung leader is replaced afte
   const { store, file } = openStore(t);
   const other = new Store(file);
   t.teardown(() => other.close());
-  const timings = { leaseDurationMs: 1200, renewDeadlineMs: 800, retryPeriodMs: 100 };
+  // Scaled up from 1200/800/100: both electors share one event loop, and on a loaded machine a
+  // stall of a second let the standby take the renewing leader's lease (or the leader miss its
+  // renew deadline) for real. The relations under test are the same.
+  const timings = { leaseDurationMs: 4000, renewDeadlineMs: 2500, retryPeriodMs: 200 };
   const waits: string[] = [];
   const a = new SqliteLeaderElector(store, { name: 'leader', identity: 'a', ...timings });
   const b = new SqliteLeaderElector(other, { name: 'leader', identity: 'b', ...timings, onWaiting: (h) => waits.push(h.holder) });
@@ -473,18 +516,20 @@ test('leader election on the database: one leads, a hung leader is replaced afte
   t.true(a.isLeader());
   let bLeads = false;
   const bCampaign = b.acquire(stop.signal).then(() => (bLeads = true));
-  await new Promise((r) => setTimeout(r, 1500));
+  await new Promise((r) => setTimeout(r, timings.leaseDurationMs + 500));
   t.false(bLeads, 'a renewing leader keeps the lease past leaseDuration');
   t.deepEqual(waits, ['a'], 'the standby reports whom it waits for, once');
   t.deepEqual((await b.holder())?.identity, 'a');
 
   // A hangs: its renewals stop (as a stopped process's would) without releasing.
   (a as unknown as { lease: { stopRenewing(): void } }).lease.stopRenewing();
-  const hungAt = Date.now();
+  // Measured from A's last renewal as the database has it (not from when the test stopped the
+  // renewals: on a loaded machine the last one may lie well before that).
+  const lastRenewal = (await a.holder())!.renewedAt.getTime();
   await bCampaign;
-  const waited = Date.now() - hungAt;
+  const waited = Date.now() - lastRenewal;
   t.true(b.isLeader());
-  t.true(waited >= 1200 - 300, `B waited out the lease (${waited} ms)`);
+  t.true(waited >= timings.leaseDurationMs, `B waited out the lease (${waited} ms after A's last renewal)`);
   t.is((await a.holder())?.identity, 'b');
 
   // Before it learns anything, A already may not act: its last renewal is older than renewDeadline.
@@ -503,7 +548,8 @@ test('leader election on the database: one leads, a hung leader is replaced afte
   await b.release();
   const releasedAt = Date.now();
   await cCampaign;
-  t.true(Date.now() - releasedAt < 1000, 'no need to wait out the lease after a release');
+  // Bounded by the lease, the wait a release spares (was 1 s of wall clock, which a loaded machine outlasts).
+  t.true(Date.now() - releasedAt < timings.leaseDurationMs, `no need to wait out the lease after a release (${Date.now() - releasedAt} ms)`);
   await c.release();
 
   // Abort ends a campaign with an AbortError.

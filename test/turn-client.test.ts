@@ -39,6 +39,36 @@ import {
 import { startCoturn, type Coturn } from './helpers/coturn.js';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+// Probe budget for servers that answer (healthy coturn, a fake that replies): such a probe takes a few
+// ms, but under the suite's load (2 cores, event loops stalled for seconds) 2 s budgets ran out. Only a
+// hung server costs the budget, and the tests about timeouts set their own, so this is a hang guard.
+// Probe speed is measured by bench/turn.ts (probe cost, binding and full allocation, UDP and TCP).
+const ANSWERED_TIMEOUT_MS = 20_000;
+
+/**
+ * A timer of `ms` started now: `fired` says whether it ran. Event-loop time, not wall-clock: a stalled
+ * loop delays it as much as the timers of the code under test, so "settled before it fired" holds under
+ * any load when the code's own deadline timer is due first.
+ */
+function control(t: ExecutionContext, ms: number): { readonly fired: boolean } {
+  let fired = false;
+  const timer = setTimeout(() => (fired = true), ms);
+  t.teardown(() => clearTimeout(timer));
+  return {
+    get fired() {
+      return fired;
+    },
+  };
+}
+
+/** Polls `cond` every 20 ms until it holds or `timeoutMs` (a hang guard) passes; returns its last value. */
+async function until(cond: () => boolean, timeoutMs = 10_000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond() && Date.now() < deadline) await sleep(20);
+  return cond();
+}
+
 const hex = (...lines: string[]): Buffer => Buffer.from(lines.join('').replace(/\s+/g, ''), 'hex');
 
 // ---------------------------------------------------------------------------
@@ -236,7 +266,7 @@ function ltOpts(c: Coturn, over: Partial<TurnProbeOptions> = {}): TurnProbeOptio
     transport: 'udp',
     realm: c.realm,
     credentials: c.mode === 'longTerm' ? { mode: 'longTerm', username: c.username!, password: c.password! } : { mode: 'restSecret', secret: c.secret!, id: 'probe', ttlSeconds: 600 },
-    timeoutMs: 2000,
+    timeoutMs: ANSWERED_TIMEOUT_MS,
     ...over,
   };
 }
@@ -258,11 +288,13 @@ function assertHealthy(t: ExecutionContext, r: TurnProbeResult, c: Coturn, alloc
   t.is(r.error, undefined);
   t.true(r.reachable);
   t.regex(r.mappedAddress ?? '', /^127\.0\.0\.1:\d+$/);
-  t.true(typeof r.bindingMs === 'number' && r.bindingMs >= 0 && r.bindingMs < 2000);
+  // The step durations are reported; how small they are is not asserted here (a loaded machine makes
+  // them anything up to the budget): bench/turn.ts measures the probe cost.
+  t.true(typeof r.bindingMs === 'number' && r.bindingMs >= 0);
   if (allocate) {
     t.true(inRelayRange(c, r.relayedAddress), `relayed ${r.relayedAddress} not in ${c.relayRange.min}-${c.relayRange.max}`);
-    t.true(typeof r.allocationMs === 'number' && r.allocationMs > 0 && r.allocationMs < 2000);
-    t.true(typeof r.releaseMs === 'number' && r.releaseMs > 0 && r.releaseMs < 2000);
+    t.true(typeof r.allocationMs === 'number' && r.allocationMs > 0);
+    t.true(typeof r.releaseMs === 'number' && r.releaseMs > 0);
   } else {
     t.is(r.relayedAddress, undefined);
     t.is(r.allocationMs, undefined);
@@ -270,8 +302,14 @@ function assertHealthy(t: ExecutionContext, r: TurnProbeResult, c: Coturn, alloc
   }
 }
 
-/** A port on 127.0.0.1 with nothing listening (TCP and UDP), just released by us. */
-async function deadPort(): Promise<number> {
+/**
+ * A port on 127.0.0.1 with nothing listening (TCP and UDP), held for the test: a UDP socket bound to it and
+ * connected elsewhere (127.0.0.1:9) takes no datagram from anyone else, so probes still get ICMP port
+ * unreachable (ECONNREFUSED), but no other UDP socket (the file's tests run concurrently, and every probe
+ * socket takes an ephemeral port) can bind it meanwhile and swallow the probe's datagrams. TCP needs no
+ * hold: a client socket that happens to take the port refuses connections all the same.
+ */
+async function deadPort(t: ExecutionContext): Promise<number> {
   for (;;) {
     const port = await new Promise<number>((resolve, reject) => {
       const s = net.createServer();
@@ -281,15 +319,28 @@ async function deadPort(): Promise<number> {
         s.close(() => resolve(p));
       });
     });
-    const free = await new Promise<boolean>((resolve) => {
-      const u = dgram.createSocket('udp4');
-      u.once('error', () => {
+    const u = dgram.createSocket('udp4');
+    const held = await new Promise<boolean>((resolve) => {
+      const onError = (): void => {
         u.close();
         resolve(false);
+      };
+      u.once('error', onError);
+      u.bind(port, '127.0.0.1', () => {
+        u.off('error', onError);
+        resolve(true);
       });
-      u.bind(port, '127.0.0.1', () => u.close(() => resolve(true)));
     });
-    if (free) return port;
+    if (!held) continue;
+    t.teardown(() => new Promise<void>((resolve) => u.close(() => resolve())));
+    await new Promise<void>((resolve, reject) => {
+      u.once('error', reject);
+      u.connect(9, '127.0.0.1', () => {
+        u.off('error', reject);
+        resolve();
+      });
+    });
+    return port;
   }
 }
 
@@ -372,7 +423,10 @@ test('coturn use-auth-secret: a wrong secret and an expired username are auth_re
 });
 
 test('nothing listening: unreachable, fast, over UDP (ICMP port unreachable) and TCP (refused)', async (t) => {
-  const port = await deadPort();
+  const port = await deadPort(t);
+  // "Fast" = on the refusal, not at the deadline: errorClass unreachable (a timeout would be 'timeout'),
+  // and far below a long budget. The bound is a hang guard, not a speed figure (a loaded machine stalls).
+  const timeoutMs = 30_000;
   for (const transport of ['udp', 'tcp'] as const) {
     const t0 = performance.now();
     const r = await probeTurn({
@@ -381,13 +435,13 @@ test('nothing listening: unreachable, fast, over UDP (ICMP port unreachable) and
       transport,
       realm: 'x',
       credentials: { mode: 'longTerm', username: 'u', password: 'p4ss-word' },
-      timeoutMs: 3000,
+      timeoutMs,
     });
     const ms = performance.now() - t0;
     t.is(r.errorClass, 'unreachable', `${transport}: ${r.error}`);
     t.false(r.reachable);
     t.regex(r.error ?? '', /ECONNREFUSED/);
-    t.true(ms < 1000, `${transport} took ${ms} ms`);
+    t.true(ms < timeoutMs / 2, `${transport} took ${ms} ms`);
   }
 });
 
@@ -395,15 +449,20 @@ test('SIGSTOPped coturn: timeout within about timeoutMs (UDP and TCP), healthy a
   const c = await startCoturn(t, { mode: 'longTerm' });
   t.teardown(() => c.resume());
   c.pause();
-  const timeoutMs = 800;
+  const timeoutMs = 800; // the behaviour under test: only the (stopped) server is slow
   for (const transport of ['udp', 'tcp'] as const) {
+    // "Within about timeoutMs": settled before a timer of timeoutMs + 400 ms started just before the probe
+    // fires. Event-loop time, so a loaded machine (where 800 ms of wall clock can hold seconds of stalls)
+    // delays both alike; a wall-clock upper bound failed there although the probe's deadline was right.
+    const late = control(t, timeoutMs + 400);
     const t0 = performance.now();
     const r = await probeTurn(ltOpts(c, { transport, timeoutMs }));
     const ms = performance.now() - t0;
     t.is(r.errorClass, 'timeout', `${transport}: ${r.error}`);
     t.false(r.reachable);
     t.is(r.bindingMs, undefined);
-    t.true(ms >= timeoutMs - 5 && ms < timeoutMs + 400, `${transport} returned after ${ms} ms`);
+    t.true(ms >= timeoutMs - 5, `${transport} returned after ${ms} ms, before the deadline`);
+    t.false(late.fired, `${transport} returned after ${ms} ms, later than timeoutMs + 400 ms of event-loop time`);
   }
   c.resume();
   const r = await probeTurn(ltOpts(c));
@@ -417,12 +476,15 @@ test('an abort signal ends a hanging probe at once', async (t) => {
   c.pause();
   const ac = new AbortController();
   setTimeout(() => ac.abort(), 150);
+  // "At once" = on the abort, long before the budget: the message names the abort, and a probe that
+  // ignored it would take the whole 30 s. The bound is a hang guard, not a speed figure.
+  const timeoutMs = 30_000;
   const t0 = performance.now();
-  const r = await probeTurn(ltOpts(c, { timeoutMs: 5000, signal: ac.signal }));
+  const r = await probeTurn(ltOpts(c, { timeoutMs, signal: ac.signal }));
   const ms = performance.now() - t0;
   t.is(r.errorClass, 'timeout');
   t.regex(r.error ?? '', /abort/);
-  t.true(ms < 1000, `took ${ms} ms`);
+  t.true(ms < timeoutMs / 3, `took ${ms} ms`);
 });
 
 test('probes leak no allocations: a held allocation counts 1, ten probes leave 0', async (t) => {
@@ -430,9 +492,9 @@ test('probes leak no allocations: a held allocation counts 1, ten probes leave 0
   t.is(await c.allocations(), 0);
 
   // Hold one allocation open: the counter must see it.
-  const s = await TurnSession.open({ host: '127.0.0.1', port: c.port, transport: 'udp' }, performance.now() + 2000);
+  const s = await TurnSession.open({ host: '127.0.0.1', port: c.port, transport: 'udp' }, performance.now() + ANSWERED_TIMEOUT_MS);
   t.teardown(() => s.close());
-  const a = await s.allocate(performance.now() + 2000, { username: c.username!, password: c.password! });
+  const a = await s.allocate(performance.now() + ANSWERED_TIMEOUT_MS, { username: c.username!, password: c.password! });
   t.true(inRelayRange(c, a.relayedAddress));
   t.is(await c.allocations(), 1);
 
@@ -443,16 +505,16 @@ test('probes leak no allocations: a held allocation counts 1, ten probes leave 0
   t.is(await c.liveAllocations(), 1, 'right away, only the held allocation is not released');
   t.is(await c.waitAllocations(1), 1); // and within coturn's 1-s tick only the held one is left at all
 
-  await s.refresh(performance.now() + 2000, 0);
+  await s.refresh(performance.now() + ANSWERED_TIMEOUT_MS, 0);
   s.close();
   t.is(await c.waitAllocations(0), 0);
 });
 
 test('coturn user-quota reached: 486 is allocation_refused, and coturn comes back after restart()', async (t) => {
   const c = await startCoturn(t, { mode: 'longTerm', userQuota: 1 });
-  const s = await TurnSession.open({ host: '127.0.0.1', port: c.port, transport: 'tcp' }, performance.now() + 2000);
+  const s = await TurnSession.open({ host: '127.0.0.1', port: c.port, transport: 'tcp' }, performance.now() + ANSWERED_TIMEOUT_MS);
   t.teardown(() => s.close());
-  await s.allocate(performance.now() + 2000, { username: c.username!, password: c.password! });
+  await s.allocate(performance.now() + ANSWERED_TIMEOUT_MS, { username: c.username!, password: c.password! });
 
   const r = await probeTurn(ltOpts(c));
   t.true(r.reachable);
@@ -493,7 +555,7 @@ test('coturn over TLS: works with the CA, unreachable (certificate) without it',
 
 test.serial('no leaked sockets or timers after successful, timed-out and refused probes', async (t) => {
   const c = await startCoturn(t, { mode: 'longTerm' });
-  const port = await deadPort();
+  const port = await deadPort(t);
   const count = (): Record<string, number> => {
     const out: Record<string, number> = {};
     for (const k of process.getActiveResourcesInfo()) out[k] = (out[k] ?? 0) + 1;
@@ -509,10 +571,17 @@ test.serial('no leaked sockets or timers after successful, timed-out and refused
   const hung = await Promise.all([probeTurn(ltOpts(c, { timeoutMs: 300 })), probeTurn(ltOpts(c, { timeoutMs: 300, transport: 'tcp' }))]);
   c.resume();
   t.deepEqual(hung.map((r) => r.errorClass), ['timeout', 'timeout']);
-  await sleep(50);
-  const after = count();
-  for (const k of ['UDPWRAP', 'UDPWrap', 'TCPSocketWrap', 'TCPWRAP', 'Timeout', 'TLSWrap']) {
-    t.is(after[k] ?? 0, before[k] ?? 0, `${k}: before ${JSON.stringify(before)} after ${JSON.stringify(after)}`);
+  // Closed handles leave the list once libuv has run their close callbacks: poll (a leak never goes, so
+  // the wait only guards a hang) instead of one fixed 50 ms nap, which a stalled event loop can outlast.
+  // "No more than before": something of startCoturn's still closing when `before` was taken is no leak.
+  const kinds = ['UDPWRAP', 'UDPWrap', 'TCPSocketWrap', 'TCPWRAP', 'Timeout', 'TLSWrap'];
+  let after = count();
+  await until(() => {
+    after = count();
+    return kinds.every((k) => (after[k] ?? 0) <= (before[k] ?? 0));
+  });
+  for (const k of kinds) {
+    t.true((after[k] ?? 0) <= (before[k] ?? 0), `${k}: before ${JSON.stringify(before)} after ${JSON.stringify(after)}`);
   }
 });
 
@@ -587,41 +656,84 @@ function fakeOpts(f: Fake, over: Partial<TurnProbeOptions> = {}): TurnProbeOptio
     transport: 'udp',
     realm: FAKE_REALM,
     credentials: { mode: 'longTerm', username: FAKE_USER, password: FAKE_PASS },
-    timeoutMs: 1500,
+    timeoutMs: ANSWERED_TIMEOUT_MS, // the fakes answer; tests about the deadline set their own
     ...over,
   };
 }
 
-const refreshes = (f: Fake): DecodedStunMessage[] => f.requests.filter((m) => m.method === StunMethod.Refresh);
+/**
+ * One message per transaction (the first transmission): over UDP the client retransmits a request whose
+ * answer it has not read within the RTO (250 ms), which a stalled event loop on a loaded machine makes
+ * happen although the fake answered at once. Counting transactions, not datagrams, keeps these tests
+ * about what the client asked for.
+ */
+const distinct = (ms: DecodedStunMessage[]): DecodedStunMessage[] => ms.filter((m, i) => ms.findIndex((x) => x.transactionId.equals(m.transactionId)) === i);
+const refreshes = (f: Fake): DecodedStunMessage[] => distinct(f.requests.filter((m) => m.method === StunMethod.Refresh));
 
 test('fake server: UDP retransmits (RTO 250 ms, doubling) with the same transaction id; strays are ignored', async (t) => {
+  // A reference chain of timers, 250 ms then 500 ms, started when the first transmission arrives: the
+  // client's own RTO timers (250, then 500 from the second send) are due no later, so with the right
+  // schedule the third transmission arrives within a loop turn of the chain's end, whatever the load.
+  // (A wall-clock bound, bindingMs < 1300, failed on a loaded machine: 1657 ms with the right schedule.)
+  const arrivals: number[] = [];
+  let chainDoneAt: number | undefined;
+  const timers: NodeJS.Timeout[] = [];
+  t.teardown(() => timers.forEach((x) => clearTimeout(x)));
   const f = await fakeServer(t, (m, reply, n) => {
+    arrivals.push(performance.now());
+    if (n === 1) timers.push(setTimeout(() => timers.push(setTimeout(() => (chainDoneAt = performance.now()), 500)), 250));
     if (n <= 2) return; // lose the first two transmissions
     // A stray response with another transaction id first, then garbage, then the answer.
     reply(respond({ ...m, transactionId: Buffer.alloc(12, 7) }, StunClass.Success, []));
     reply(Buffer.from('hello, not stun'));
     reply(bindingOk(m));
   });
-  const r = await probeTurn(fakeOpts(f, { allocate: false, timeoutMs: 2000 }));
+  // A budget far beyond the third transmission (750 ms): the schedule may not be cut short by the budget
+  // when the machine stalls (the third is only sent if 500 ms still fit after the second).
+  const r = await probeTurn(fakeOpts(f, { allocate: false, timeoutMs: 10_000 }));
   t.is(r.errorClass, undefined, r.error);
   t.is(r.mappedAddress, '127.0.0.1:5555');
-  t.is(f.requests.length, 3);
+  // Three, or more when the answer to the third was held up past the fourth's RTO (1750 ms) by a stall.
+  t.true(f.requests.length >= 3, `${f.requests.length} requests`);
   t.true(f.requests.every((m) => m.transactionId.equals(f.requests[0]!.transactionId)));
   t.true(f.requests.every((m) => m.fingerprintOffset !== undefined), 'requests carry FINGERPRINT');
-  t.true(r.bindingMs! >= 700 && r.bindingMs! < 1300, `bindingMs ${r.bindingMs}`); // sends at 0, 250, 750 ms
+  t.true(r.bindingMs! >= 700, `bindingMs ${r.bindingMs}`); // sends at 0, 250, 750 ms: never sooner
+  // ... and not later (e.g. an RTO of 500 ms would send the third at 1500 ms, 750 ms after the chain).
+  t.true(chainDoneAt === undefined || arrivals[2]! - chainDoneAt < 400, `third transmission ${chainDoneAt === undefined ? '' : arrivals[2]! - chainDoneAt} ms after the 250+500 ms reference`);
 });
 
 test('fake server: retransmissions never outlast timeoutMs; only garbage back is malformed', async (t) => {
-  const silent = await fakeServer(t, () => undefined);
+  const timeoutMs = 600; // the behaviour under test: the server never answers
+  // "Never outlast": settled before a timer of timeoutMs + 100 ms started when the first transmission
+  // arrives fires. The client armed its deadline (at most timeoutMs) before that send, so this holds in
+  // event-loop time under any load; a wall-clock bound (ms < 900) failed on a loaded machine.
+  let late: { readonly fired: boolean } | undefined;
+  const silent = await fakeServer(t, (_m, _reply, n) => {
+    if (n === 1) late = control(t, timeoutMs + 100);
+  });
   const t0 = performance.now();
-  const r = await probeTurn(fakeOpts(silent, { timeoutMs: 600 }));
+  const r = await probeTurn(fakeOpts(silent, { timeoutMs }));
   const ms = performance.now() - t0;
   t.is(r.errorClass, 'timeout');
-  t.is(silent.requests.length, 2); // sent at 0 and 250 ms; the next (750 ms) would be past the budget
-  t.true(ms >= 595 && ms < 900, `${ms} ms`);
+  t.true(ms >= timeoutMs - 5, `${ms} ms`);
+  t.false(late?.fired ?? true, `settled ${ms} ms after the start, later than timeoutMs + 100 ms of event-loop time`);
+  // Sent at 0 and 250 ms; the next (750 ms) would be past the budget. The budget is timeoutMs minus the
+  // socket set-up, which a stalled event loop can stretch past 350 ms: then 250 ms no longer fits and one
+  // transmission is right. The client reports both figures in its message.
+  const m = /within (\d+) ms \((\d+) transmissions?\)/.exec(r.error ?? '');
+  t.truthy(m, r.error);
+  const budget = Number(m?.[1]);
+  const sends = Number(m?.[2]);
+  t.is(sends, budget > 250 ? 2 : 1, r.error);
+  // The server gets them all: the last may still be in its socket when the probe settles.
+  await until(() => silent.requests.length >= sends);
+  await sleep(50);
+  t.is(silent.requests.length, sends);
 
   const garbage = await fakeServer(t, (_m, reply) => reply(Buffer.from('not a stun message at all')));
-  const r2 = await probeTurn(fakeOpts(garbage, { timeoutMs: 400 }));
+  // Garbage is only judged at the deadline; it must have come back by then, so the budget is generous
+  // (400 ms ran out under load before the first garbage reply was read).
+  const r2 = await probeTurn(fakeOpts(garbage, { timeoutMs: 2000 }));
   t.is(r2.errorClass, 'malformed', r2.error);
 });
 
@@ -631,11 +743,14 @@ test('fake server: a reply with our transaction id but a broken FINGERPRINT is m
     out[out.length - 1] = out[out.length - 1]! ^ 0xff;
     reply(out);
   });
+  // "At once" = on the reply, not at the deadline: a client that treated it as garbage would wait out
+  // the whole budget. The bound is a hang guard far below that budget, not a speed figure.
+  const timeoutMs = 30_000;
   const t0 = performance.now();
-  const r = await probeTurn(fakeOpts(f, { timeoutMs: 3000 }));
+  const r = await probeTurn(fakeOpts(f, { timeoutMs }));
   t.is(r.errorClass, 'malformed');
   t.regex(r.error ?? '', /FINGERPRINT/);
-  t.true(performance.now() - t0 < 1000);
+  t.true(performance.now() - t0 < timeoutMs / 3);
 });
 
 test('fake server: full long-term flow; a bad MESSAGE-INTEGRITY on Allocate success is malformed and still released', async (t) => {
@@ -666,6 +781,33 @@ test('fake server: full long-term flow; a bad MESSAGE-INTEGRITY on Allocate succ
   assertNoSecrets(t, bad, [FAKE_PASS, FAKE_KEY.toString('hex'), FAKE_KEY.toString('base64')]);
 });
 
+test('fake server: an authenticated Allocate that gets no answer in time is released anyway (the server may have allocated)', async (t) => {
+  // The server allocates but never answers the Allocate (as a loaded server answering after the
+  // probe's deadline looks from the client): the probe times out and must still send Refresh(0),
+  // or the allocation would hold a relay port for its whole lifetime.
+  const f = await fakeServer(t, (m, reply) => {
+    if (m.method === StunMethod.Binding) return reply(bindingOk(m));
+    if (m.integrityOffset === undefined) return reply(challenge(m));
+    if (m.method === StunMethod.Refresh) return reply(respond(m, StunClass.Success, [u32Attribute(StunAttr.Lifetime, 0)], FAKE_KEY));
+    // An authenticated Allocate: silence.
+  });
+  const r = await probeTurn(fakeOpts(f, { timeoutMs: 1500 }));
+  t.is(r.errorClass, 'timeout', r.error);
+  t.true(await until(() => refreshes(f).length === 1), 'a Refresh(0) followed the unanswered Allocate');
+  const refresh = refreshes(f)[0]!;
+  t.deepEqual(getAttribute(refresh, StunAttr.Lifetime), hex('00000000'));
+  t.true(verifyMessageIntegrity(refresh, FAKE_KEY), 'authenticated with the allocation\'s key');
+  // A probe whose Allocate was never sent with credentials (refused at the challenge) sends none.
+  const g = await fakeServer(t, (m, reply) => {
+    if (m.method === StunMethod.Binding) return reply(bindingOk(m));
+    return reply(respond(m, StunClass.Error, [{ type: StunAttr.ErrorCode, value: encodeErrorCode(403, 'Forbidden') }]));
+  });
+  const refused = await probeTurn(fakeOpts(g));
+  t.is(refused.errorClass, 'allocation_refused', refused.error);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  t.is(refreshes(g).length, 0, 'nothing to release');
+});
+
 test('fake server: 438 once is retried with the new nonce, twice is auth_rejected', async (t) => {
   let staleTimes = 1;
   let stale = 0;
@@ -681,7 +823,7 @@ test('fake server: 438 once is retried with the new nonce, twice is auth_rejecte
   });
   const r = await probeTurn(fakeOpts(f));
   t.is(r.errorClass, undefined, r.error);
-  const allocs = f.requests.filter((m) => m.method === StunMethod.Allocate);
+  const allocs = distinct(f.requests.filter((m) => m.method === StunMethod.Allocate));
   t.deepEqual(allocs.map((m) => getStringAttribute(m, StunAttr.Nonce) ?? null), [null, 'nonce-1', 'nonce-2']);
   t.is(getStringAttribute(refreshes(f)[0]!, StunAttr.Nonce), 'nonce-2');
 
@@ -733,7 +875,7 @@ test('fake server: a 401 without NONCE is malformed; 401 after credentials is au
   const r2 = await probeTurn(fakeOpts(f));
   t.is(r2.errorClass, 'auth_rejected');
   t.is(r2.errorCode, 401);
-  t.is(f.requests.filter((m) => m.method === StunMethod.Allocate && m.integrityOffset !== undefined).length, 1);
+  t.is(distinct(f.requests.filter((m) => m.method === StunMethod.Allocate && m.integrityOffset !== undefined)).length, 1);
   assertNoSecrets(t, r2, [FAKE_PASS]);
 });
 
@@ -775,7 +917,7 @@ test('fake TCP server: responses split across segments and after a stray are fra
   t.is(r.mappedAddress, '127.0.0.1:5555');
   t.true(r.bindingMs! >= 35, `bindingMs ${r.bindingMs}`);
   garbage = true;
-  const r2 = await probeTurn({ ...opts, timeoutMs: 3000 });
+  const r2 = await probeTurn(opts);
   t.is(r2.errorClass, 'malformed');
   t.true(r2.reachable === false);
 });

@@ -23,6 +23,9 @@ test.after.always(async (t) => {
 
 
 test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above maxSize, nothing leaked, claims kept', async (t) => {
+  // Three daemon starts and some 15 container starts in one test: under load far past ava's 120 s
+  // without a test result. A hang guard, like the waits' deadlines below.
+  t.timeout(480_000);
   const { dockerd } = t.context;
   const env = await e2eEnv(t);
   const cfg = env.writeConfig({
@@ -34,12 +37,17 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
     process: { runDir: path.join(env.dir, 'run') },
     // Two starts at a time: a refill of 10 takes long enough to be killed in the middle.
     warmPools: { parallelism: 2 },
+    // The clean SIGTERM stop at the end must exit 0; the process exits 1 on its own once a stop takes
+    // shutdownTimeout + 1.5 s. The test is not about that limit, and a loaded machine can need more than 5 s.
+    shutdownTimeout: '30s',
   });
   env.writeDesired('pools.yaml', poolsYaml([
     { name: 'crashy', image: dockerd.image, size: 10, maxSize: 12 },
     { name: 'cold', image: dockerd.image, size: 0, maxSize: 2 },
   ]));
   const run = (): Child => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env.childEnv());
+  // Hang guard for a daemon process start (5-20x slower under load than the usual second).
+  const started = (c: Child): Promise<string> => waitStarted(c, 60_000);
 
   // The owner label comes from the database: create it (and read it) before the first start.
   const owner = (() => {
@@ -63,7 +71,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
 
   // 1: killed in the middle of the first refill.
   let d = run();
-  await waitStarted(d);
+  await started(d);
   await waitFor('refill under way', async () => {
     const n = (await ownedContainers(dockerd, owner)).length;
     return n >= 2 && n <= 7;
@@ -73,7 +81,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
   // 2: restarted, a warm claim and a cold claim made; killed while the cold start may be in flight
   // and the refill after the warm claim is running.
   d = run();
-  const base = await waitStarted(d);
+  const base = await started(d);
   const api = poolApi({ address: base } as never);
   const warm = await waitFor('a warm claim', async () => {
     const r = await api.claim('crashy', { userId: 'keeper' });
@@ -86,7 +94,7 @@ test.serial('kill -9 mid-refill and mid-claim, restart: adopted, never above max
 
   // 3: restarted again and left to converge.
   d = run();
-  const base3 = await waitStarted(d);
+  const base3 = await started(d);
   const api3 = poolApi({ address: base3 } as never);
   await waitFor('crashy converged', async () => {
     const s = await api3.stats('crashy');

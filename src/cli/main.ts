@@ -504,8 +504,9 @@ async function runForever(cfg: Config): Promise<number> {
       if (stopping) return;
       stopping = true;
       daemon.logger.info('shutting down', { signal });
-      // A second signal, or a shutdown that hangs, must still end the process.
-      const hard = setTimeout(() => process.exit(EXIT.PROBLEMS), cfg.shutdownTimeoutMs + 1500);
+      // A second signal, or a shutdown that hangs, must still end the process: after the longest a
+      // clean stop can take (shutdownTimeout, plus the status flush with source kubernetes) and a margin.
+      const hard = setTimeout(() => process.exit(EXIT.PROBLEMS), daemon.stopBudgetMs + 1500);
       hard.unref();
       void daemon.stop().then(
         () => resolve(EXIT.OK),

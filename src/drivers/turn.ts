@@ -570,6 +570,12 @@ export class TurnSession {
   reachable = false;
   /** True once the server answered an Allocate with success (until released). */
   allocated = false;
+  /**
+   * True once an authenticated Allocate went out without an answer we could use (it timed out,
+   * was aborted, or its answer came late): the server may hold an allocation we never heard of,
+   * which would otherwise live out its lifetime (10 min on coturn) and hold a relay port.
+   */
+  allocationUnconfirmed = false;
   /** Realm mismatch note, when the server's realm differs from the expected one. */
   realmNote: string | undefined;
 
@@ -881,7 +887,9 @@ export class TurnSession {
     for (;;) {
       const authed = this.auth !== undefined;
       const attrs = [stringAttribute(StunAttr.Software, SOFTWARE), ...attributes, ...(authed ? this.buildAuthAttrs() : [])];
+      if (method === StunMethod.Allocate && authed) this.allocationUnconfirmed = true;
       const res = await this.transact(method, attrs, deadline, authed ? this.auth!.key : undefined);
+      if (method === StunMethod.Allocate && authed) this.allocationUnconfirmed = false;
       if (res.cls === StunClass.Success) {
         if (authed && !verifyMessageIntegrity(res, this.auth!.key)) {
           if (method === StunMethod.Allocate) this.allocated = true; // the server did allocate: still release
@@ -978,9 +986,12 @@ export class TurnSession {
     return lt && lt.length === 4 ? { lifetime: lt.readUInt32BE(0) } : {};
   }
 
-  /** Fire-and-forget Refresh(0) for when there is no time to wait (abort). */
+  /**
+   * Fire-and-forget Refresh(0): for when there is no time to wait (abort), or when an Allocate may
+   * have succeeded unheard (a server without that allocation answers 437, which nobody reads).
+   */
   sendReleaseNoWait(): void {
-    if (this.closed || !this.auth || !this.allocated) return;
+    if (this.closed || !this.auth || !(this.allocated || this.allocationUnconfirmed)) return;
     try {
       const req = encodeStunMessage(
         {
@@ -1144,8 +1155,11 @@ export async function probeTurn(opts: TurnProbeOptions): Promise<TurnProbeResult
   } catch (e) {
     failure = e instanceof TurnProbeFailure ? e : networkFailure(e, 'probe');
     // Anything after a successful allocation failed: release it (own budget) unless the
-    // connection itself is gone or the caller aborted (then fire and forget).
-    if (session?.allocated) {
+    // connection itself is gone or the caller aborted (then fire and forget). An Allocate that
+    // got no usable answer may have allocated all the same: release that one without waiting.
+    if (session?.allocationUnconfirmed && !session.allocated) {
+      session.sendReleaseNoWait();
+    } else if (session?.allocated) {
       if (opts.signal?.aborted) {
         session.sendReleaseNoWait();
       } else {

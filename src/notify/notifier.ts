@@ -454,7 +454,12 @@ export class Notifier {
   async post(target: NotifyTarget, group: NoticeGroup): Promise<SendOutcome> {
     const body = JSON.stringify(target.format === 'slack' ? slackPayload(group) : alertmanagerPayload(group));
     const timeoutMs = this.opts.requestTimeoutMs ?? 10_000;
-    const signal = AbortSignal.any([this.abort.signal, AbortSignal.timeout(timeoutMs)]);
+    // Not AbortSignal.any([…, AbortSignal.timeout(ms)]): on Node 20 nothing holds the timeout signal
+    // but the combined one, and after a garbage collection it never fires, so a receiver that never
+    // answers hung its sender for good. A timer of our own, cleared when the request settles, cannot be collected.
+    const timeout = new AbortController();
+    const timer = setTimeout(() => timeout.abort(), timeoutMs);
+    const signal = AbortSignal.any([this.abort.signal, timeout.signal]);
     let res: Response;
     try {
       res = await fetch(target.url, {
@@ -466,10 +471,12 @@ export class Notifier {
         redirect: 'manual',
       });
     } catch (err) {
+      clearTimeout(timer);
       if (this.abort.signal.aborted) return { ok: false, aborted: true };
-      if (signal.aborted) return { ok: false, aborted: false, permanent: false, error: `timed out after ${timeoutMs} ms` };
+      if (timeout.signal.aborted) return { ok: false, aborted: false, permanent: false, error: `timed out after ${timeoutMs} ms` };
       return { ok: false, aborted: false, permanent: false, error: `connection failed (${errorCode(err)})` };
     }
+    clearTimeout(timer);
     // The answer's body is not needed (and may echo the request): released, not read.
     await res.body?.cancel().catch(() => undefined);
     if (res.status >= 200 && res.status < 300) return { ok: true };

@@ -44,9 +44,16 @@ function hostIdentity(): string {
 function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  // kill(pid, 0) also succeeds for a process that has died but is not reaped yet (a zombie, until
+  // its parent waits for it): a dead holder, whose lease is free. /proc tells them apart.
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return true; // no /proc: believe kill()
   }
 }
 

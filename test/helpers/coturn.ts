@@ -66,7 +66,7 @@ export interface Coturn {
   stop(): Promise<void>;
   /** SIGKILL and wait. */
   kill(): Promise<void>;
-  /** SIGSTOP; returns once every coturn thread is stopped. */
+  /** SIGSTOP; returns once every coturn thread is stopped (throws if that takes over 10 s). */
   pause(): void;
   /** SIGCONT. */
   resume(): void;
@@ -81,7 +81,7 @@ export interface Coturn {
    * released-but-not-yet-deleted ones too (their relay ports are still taken).
    */
   liveAllocations(): Promise<number>;
-  /** Polls allocations() until it equals `expected` or `timeoutMs` passes; returns the last count. */
+  /** Polls allocations() until it equals `expected` or `timeoutMs` (default 20 s, a hang guard) passes; returns the last count. */
   waitAllocations(expected: number, timeoutMs?: number): Promise<number>;
   /** Runs one CLI command and returns its output (telnet bytes stripped). */
   cli(command: string): Promise<string>;
@@ -118,9 +118,22 @@ export interface CoturnOptions {
   extra?: string[];
 }
 
-const READY_TIMEOUT_MS = 5000;
+// coturn answers STUN about 50-100 ms after it starts on an idle machine. The deadline is a hang
+// guard: under the suite's load on 2 cores starts take 5-20x longer (5 s was tight), and a start
+// that works costs only its time. A start that cannot work ends the wait early (exit, bind error).
+const READY_TIMEOUT_MS = 30_000;
+/** One readiness probe: a refused port answers at once (ICMP), so this only bounds a stalled event loop. */
+const READY_PROBE_TIMEOUT_MS = 2000;
 const STOP_GRACE_MS = 3000;
-const CLI_TIMEOUT_MS = 3000;
+// One CLI round trip to a healthy coturn takes milliseconds; no test is about the CLI's timeout, so this
+// is a hang guard generous enough for a starved coturn CLI thread or a stalled test process.
+const CLI_TIMEOUT_MS = 15_000;
+// Hang guards for things that take milliseconds when the machine is idle (a SIGKILLed process to go,
+// every thread of a SIGSTOPped one to reach the stopped state); generous because only a hang costs them.
+const KILL_WAIT_MS = 10_000;
+const STOP_WAIT_MS = 10_000;
+/** Default deadline of waitAllocations(): coturn frees a UDP-released allocation on its next 1-s tick. */
+const ALLOCATIONS_WAIT_MS = 20_000;
 const RELAY_PORTS = 20;
 const LOCK_DIR = path.join(os.tmpdir(), 'polydev-coturn-ports');
 // Outside Linux's default ephemeral range (32768-60999), so client sockets never take them.
@@ -229,14 +242,15 @@ function isOurTurnserver(pid: number, configFile: string): boolean {
   }
 }
 
-/** SIGKILLs a process we did not spawn (no exit event): polls until it is gone (max 3 s). */
+/** SIGKILLs a process we did not spawn (no exit event): polls until it is gone (max KILL_WAIT_MS). */
 async function killForeign(pid: number): Promise<void> {
   try {
     process.kill(pid, 'SIGKILL');
   } catch {
     return;
   }
-  for (let i = 0; i < 150 && alive(pid) && !isZombieOrGone(pid); i++) await sleep(20);
+  const deadline = Date.now() + KILL_WAIT_MS;
+  while (Date.now() < deadline && alive(pid) && !isZombieOrGone(pid)) await sleep(20);
 }
 
 function isZombieOrGone(pid: number): boolean {
@@ -252,7 +266,7 @@ function isZombieOrGone(pid: number): boolean {
  * returns before the group stop has happened: until one of coturn's threads has dequeued the signal, another
  * thread woken by a packet can still answer it (seen under load: a Binding answered right after pause()).
  */
-function waitAllThreadsStopped(pid: number, timeoutMs = 1000): boolean {
+function waitAllThreadsStopped(pid: number, timeoutMs = STOP_WAIT_MS): boolean {
   const nap = new Int32Array(new SharedArrayBuffer(4));
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -286,7 +300,7 @@ async function waitStun(port: number, gone: () => boolean): Promise<boolean> {
       transport: 'udp',
       realm: 'ready',
       credentials: { mode: 'longTerm', username: 'ready', password: 'ready' },
-      timeoutMs: 250,
+      timeoutMs: READY_PROBE_TIMEOUT_MS,
       allocate: false,
     });
     if (r.reachable && r.errorClass === undefined) return true;
@@ -502,10 +516,39 @@ export async function startCoturn(t: ExecutionContext, opts: CoturnOptions): Pro
   let cliPort = 0;
   let relay = { min: 0, max: 0 };
 
-  /** Waits until a STUN binding (our own client) succeeds; false when the process died or the time ran out. */
-  const waitReady = (): Promise<boolean> => waitStun(port, () => exited);
-
   const bindErrors = (log: string): boolean => /Address already in use|Cannot bind|errno=98/i.test(log);
+  const readLogSync = (): string => {
+    try {
+      return readFileSync(logFile, 'utf8');
+    } catch {
+      return '';
+    }
+  };
+
+  /**
+   * Waits until a STUN binding (our own client) succeeds; false when the process died, logged a bind error
+   * (it would never answer on our port: no point waiting out the generous deadline) or the time ran out.
+   */
+  const waitReady = (): Promise<boolean> => waitStun(port, () => exited || bindErrors(readLogSync()));
+
+  /**
+   * Waits until the telnet CLI answers `pc` with our password (coturn may open the CLI after the STUN
+   * listener). Resolves undefined when it does, else the problem: a rejected password (someone else's
+   * CLI on the port) at once, anything else (refused, no answer) once the process died or the time ran out.
+   */
+  const waitCli = async (): Promise<string | undefined> => {
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      try {
+        await cliCommand(cliPort, cliPassword, 'pc');
+        return undefined;
+      } catch (e) {
+        const msg = (e as Error).message;
+        if (/password rejected/.test(msg) || exited || Date.now() >= deadline) return msg;
+      }
+      await sleep(50);
+    }
+  };
 
   if (opts.tls) {
     await runOpenssl([
@@ -534,15 +577,14 @@ export async function startCoturn(t: ExecutionContext, opts: CoturnOptions): Pro
     const ready = await waitReady();
     const log = await readLog();
     if (ready && !bindErrors(log)) {
-      try {
-        await cliCommand(cliPort, cliPassword, 'pc'); // proves the CLI (and its unique password) is ours
+      const cliProblem = await waitCli(); // proves the CLI (and its unique password) is ours
+      if (cliProblem === undefined) {
         releases.push(listen.release, relayBlock.release);
         break;
-      } catch (e) {
-        lastProblem = `CLI check failed: ${(e as Error).message}`;
       }
+      lastProblem = `CLI check failed: ${cliProblem}`;
     } else {
-      lastProblem = `${ready ? 'bind errors in the log' : exited ? `exited (${child?.exitCode ?? child?.signalCode})` : 'no STUN answer'}: ${stderr.trim()} ${log.slice(-1500)}`;
+      lastProblem = `${bindErrors(log) ? 'bind errors in the log' : exited ? `exited (${child?.exitCode ?? child?.signalCode})` : 'no STUN answer'}: ${stderr.trim()} ${log.slice(-1500)}`;
     }
     await kill();
     await listen.release();
@@ -569,7 +611,7 @@ export async function startCoturn(t: ExecutionContext, opts: CoturnOptions): Pro
     pause: () => {
       signalAll('SIGSTOP');
       for (const p of [child?.pid, foreignPid()]) {
-        if (p !== undefined && alive(p) && !waitAllThreadsStopped(p)) throw new Error(`coturn ${p} did not stop within 1 s`);
+        if (p !== undefined && alive(p) && !waitAllThreadsStopped(p)) throw new Error(`coturn ${p} did not stop within ${STOP_WAIT_MS} ms`);
       }
     },
     resume: () => signalAll('SIGCONT'),
@@ -580,6 +622,9 @@ export async function startCoturn(t: ExecutionContext, opts: CoturnOptions): Pro
       if (!(await waitReady())) {
         throw new Error(`coturn did not come back after restart: ${stderr.trim()} ${(await readLog()).slice(-1500)}`);
       }
+      // allocations() right after a restart needs the CLI, which coturn may open after the STUN port.
+      const cliProblem = await waitCli();
+      if (cliProblem !== undefined) throw new Error(`coturn's CLI did not come back after restart: ${cliProblem}`);
     },
     allocations: async () => {
       const out = await cliCommand(cliPort, cliPassword, 'pc');
@@ -595,7 +640,8 @@ export async function startCoturn(t: ExecutionContext, opts: CoturnOptions): Pro
       if (sessions.length !== Number(total[1])) throw new Error(`coturn CLI ps listed ${sessions.length} of ${total[1]} sessions`);
       return sessions.filter((x) => !/^\s+(expired|expiring in [01] secs)\r?$/m.test(x)).length;
     },
-    waitAllocations: async (expected: number, timeoutMs = 3000) => {
+    // A polled wait: the deadline only matters when the count never gets there (then the test fails anyway).
+    waitAllocations: async (expected: number, timeoutMs = ALLOCATIONS_WAIT_MS) => {
       const deadline = Date.now() + timeoutMs;
       for (;;) {
         const n = await c.allocations();

@@ -28,7 +28,8 @@ export const BUSYBOX_APPLETS = [
   'stat', 'chmod', 'kill', 'wc', 'test', 'touch', 'printf', 'mount', 'grep', 'find', 'httpd',
 ];
 
-const STARTUP_TIMEOUT_MS = 30_000;
+/** A hang guard: dockerd (and its containerd) usually answer within a second or two, but a loaded 2-core machine has needed many times that. */
+const STARTUP_TIMEOUT_MS = 60_000;
 const STOP_GRACE_MS = 15_000;
 /** sun_path is 108 bytes including the NUL; the longest path below DIR is containerd's ttrpc socket. */
 const LONGEST_SUFFIX = '/exec/containerd/containerd.sock.ttrpc';

@@ -343,7 +343,9 @@ export function spawnChild(t: ExecutionContext, file: string, args: string[], en
     } catch {
       /* gone */
     }
-    await Promise.race([exited, deadline(5000)]);
+    // A hang guard: SIGKILL is immediate, but seeing the exit can take seconds on a loaded machine,
+    // and callers (crash tests) start the next daemon right after, which must find the old one gone.
+    await Promise.race([exited, deadline(30_000)]);
   };
   t.teardown(kill);
   return { child, pid, stdout: () => out, stderr: () => err, exited, running: () => !done, kill };

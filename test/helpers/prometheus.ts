@@ -138,7 +138,10 @@ export async function startServer(
   };
   t.teardown(stop);
   const url = `http://127.0.0.1:${port}`;
-  const deadline = Date.now() + (o.timeoutMs ?? 30_000);
+  // A hang guard, not a speed check: Prometheus/Alertmanager start in 1-2 s alone, but 5-20x
+  // that on a loaded 2-core machine (a passing wait costs only its own time).
+  const startTimeoutMs = o.timeoutMs ?? 90_000;
+  const deadline = Date.now() + startTimeoutMs;
   for (;;) {
     if (exited) {
       await stop();
@@ -152,7 +155,7 @@ export async function startServer(
     }
     if (Date.now() >= deadline) {
       await stop();
-      throw new Error(`${o.name} did not answer ${o.readyPath} within ${o.timeoutMs ?? 30_000} ms: ${out.slice(-3000)}`);
+      throw new Error(`${o.name} did not answer ${o.readyPath} within ${startTimeoutMs} ms: ${out.slice(-3000)}`);
     }
     await sleep(100);
   }

@@ -80,7 +80,24 @@ function quote(v: string): string {
   return `"${v}"`;
 }
 
+/** Port-0 starts that lost their port to another process between picking and binding. */
+const PORT_RACE_RETRIES = 5;
+
 export async function startTinyproxy(opts: TinyproxyOptions): Promise<Tinyproxy> {
+  // With port 0 the port is picked by binding and releasing it; another process (tests run
+  // concurrently) can take it before tinyproxy binds, and tinyproxy then exits at once: pick again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(opts);
+    } catch (err) {
+      if (opts.port !== 0 || attempt >= PORT_RACE_RETRIES || !(err instanceof PortTakenError)) throw err;
+    }
+  }
+}
+
+class PortTakenError extends Error {}
+
+async function startOnce(opts: TinyproxyOptions): Promise<Tinyproxy> {
   const listen = opts.listen ?? '127.0.0.1';
   const port = opts.port === 0 ? await freePort(listen) : opts.port;
   if (opts.basicAuth) {
@@ -165,7 +182,8 @@ export async function startTinyproxy(opts: TinyproxyOptions): Promise<Tinyproxy>
     if (exited) {
       const log = await readLog();
       await stop();
-      throw new Error(`tinyproxy exited during startup (exit ${child.exitCode ?? child.signalCode}): ${stderr.trim()} ${log.slice(-2000)}`.trim());
+      const message = `tinyproxy exited during startup (exit ${child.exitCode ?? child.signalCode}): ${stderr.trim()} ${log.slice(-2000)}`.trim();
+      throw /Address already in use|Could not create listening sockets/i.test(message) ? new PortTakenError(message) : new Error(message);
     }
     if (await canConnect(listen, port)) break;
     if (Date.now() >= deadline) {

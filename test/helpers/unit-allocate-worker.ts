@@ -2,7 +2,8 @@
 // for "go" on stdin (so that every worker starts at once), then gives `count` users a port
 // each through ensureUserPort and prints one JSON line with what it got.
 //
-//   node --import tsx test/helpers/unit-allocate-worker.ts DB PREFIX COUNT
+//   node dist/test/helpers/unit-allocate-worker.js DB PREFIX COUNT OCTET   (compiled, as the test runs it)
+//   node --import tsx test/helpers/unit-allocate-worker.ts DB PREFIX COUNT OCTET
 
 import { ensureUserPort } from '../../src/controllers/proxyport/service.js';
 import { createValidator } from '../../src/controllers/registry.js';

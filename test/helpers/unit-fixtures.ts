@@ -113,8 +113,12 @@ export function docs(...parts: string[]): string {
   return parts.join('---\n');
 }
 
-/** Polls cond until it holds or the deadline passes (then fails with what). */
-export async function eventually(cond: () => boolean, what: string, timeoutMs = 5000, stepMs = 5): Promise<void> {
+/**
+ * Polls cond until it holds or the deadline passes (then fails with what). The deadline is a hang
+ * guard, not a speed check: a passing wait costs only its own time, and on a loaded machine (other
+ * test files, stalled event loops) a 5 s default failed waits for things that were merely slow.
+ */
+export async function eventually(cond: () => boolean, what: string, timeoutMs = 30_000, stepMs = 5): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!cond()) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);

@@ -13,6 +13,8 @@ export interface ReceivedRequest {
   path: string;
   contentType: string | undefined;
   body: unknown;
+  /** For a request answered 'hang': performance.now() when the client closed its connection (an abort or its timeout). */
+  closedAt?: number;
 }
 
 export type Answer = { status: number; headers?: Record<string, string> } | 'hang';
@@ -43,10 +45,14 @@ export async function startReceiver(t: ExecutionContext, answer: (i: number) => 
         // Not JSON: kept as text, the test's assertions will say so.
       }
       const i = received.length;
-      received.push({ at: performance.now(), method: req.method ?? '', path: req.url ?? '', contentType: req.headers['content-type'], body });
+      const rec: ReceivedRequest = { at: performance.now(), method: req.method ?? '', path: req.url ?? '', contentType: req.headers['content-type'], body };
+      received.push(rec);
       for (const w of [...waiters]) w();
       const a = answer(i);
-      if (a === 'hang') return;
+      if (a === 'hang') {
+        res.once('close', () => (rec.closedAt = performance.now()));
+        return;
+      }
       res.writeHead(a.status, { 'content-type': 'text/plain', ...(a.headers ?? {}) });
       res.end(a.status < 300 ? 'ok' : 'no');
     });
