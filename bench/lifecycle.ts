@@ -19,12 +19,10 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import YAML from 'yaml';
 import { LABELS, MANAGED_BY, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
 import { ProcessEngine, parseId } from '../src/drivers/process.js';
 import { BIN, EXAMPLE_USERS, manifest, spawnChild, waitFor, waitStarted } from '../test/helpers/e2e-env.js';
-import { createNetns } from '../test/helpers/netns.js';
-import { benchContext, runCleanups } from './harness.js';
+import { benchContext, daemonSandbox, runCleanups } from './harness.js';
 import { median, type BenchFigure } from './stats.js';
 
 const log = (msg: string) => process.stderr.write(`[lifecycle ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
@@ -54,12 +52,7 @@ async function stopRun(stall: boolean): Promise<{ ms: number; code: number | nul
   const cleanups: Array<() => unknown> = [];
   const t = benchContext(cleanups);
   try {
-    const ns = await createNetns();
-    cleanups.push(() => ns.destroy());
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'polydev-lifecycle-bench-'));
-    cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const desired = path.join(dir, 'desired');
-    fs.mkdirSync(desired);
+    const box = await daemonSandbox(cleanups, 'polydev-lifecycle-bench-');
     const sockets = new Set<net.Socket>();
     if (stall) {
       const server = net.createServer((s) => {
@@ -72,25 +65,15 @@ async function stopRun(stall: boolean): Promise<{ ms: number; code: number | nul
         server.close();
       });
       const port = (server.address() as net.AddressInfo).port;
-      fs.writeFileSync(path.join(desired, 'proxy.yaml'), manifest(
+      fs.writeFileSync(path.join(box.desired, 'proxy.yaml'), manifest(
         { portRange: { min: 1024, max: 65535 }, healthCheck: { url: 'http://127.0.0.1:9/ip', mode: 'forward', interval: '1s', timeout: '60s' } },
         [{ userId: 'alice', sourceIP: '127.0.0.11', port }],
       ));
     } else {
-      fs.writeFileSync(path.join(desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
+      fs.writeFileSync(path.join(box.desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
     }
-    const cfg = path.join(dir, 'config.yaml');
-    fs.writeFileSync(cfg, YAML.stringify({
-      database: path.join(dir, 'polydev.db'),
-      desiredStateDir: desired,
-      listen: '127.0.0.1:0',
-      logLevel: 'info',
-      shutdownTimeout: stall ? '3s' : '5s',
-      iptables: { netns: ns.name },
-    }));
-    const env: NodeJS.ProcessEnv = {};
-    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('POLYDEV_')) env[k] = v;
-    const child = spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env);
+    const cfg = box.writeConfig({ shutdownTimeout: stall ? '3s' : '5s' });
+    const child = spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], box.env);
     const base = await waitStarted(child, 60_000);
     await waitFor('ready', () => ready(base), 60_000, 20);
     if (stall) await waitFor('the health check to hang on the stalled upstream', () => sockets.size > 0, 60_000, 20);

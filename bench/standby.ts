@@ -10,12 +10,9 @@
 // Each run starts from a fresh database and namespace.
 
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import YAML from 'yaml';
 import { BIN, EXAMPLE_USERS, logLines, manifest, spawnChild, waitFor, waitListening, type Child } from '../test/helpers/e2e-env.js';
-import { createNetns } from '../test/helpers/netns.js';
-import { benchContext, runCleanups } from './harness.js';
+import { benchContext, daemonSandbox, runCleanups } from './harness.js';
 import { median, type BenchFigure } from './stats.js';
 
 const log = (msg: string) => process.stderr.write(`[standby ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
@@ -43,25 +40,10 @@ async function oneRun(i: number): Promise<Run> {
   const cleanups: Array<() => unknown> = [];
   const t = benchContext(cleanups);
   try {
-    const ns = await createNetns();
-    cleanups.push(() => ns.destroy());
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'polydev-standby-bench-'));
-    cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const desired = path.join(dir, 'desired');
-    fs.mkdirSync(desired);
-    fs.writeFileSync(path.join(desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
-    const cfg = path.join(dir, 'config.yaml');
-    fs.writeFileSync(cfg, YAML.stringify({
-      database: path.join(dir, 'polydev.db'),
-      desiredStateDir: desired,
-      listen: '127.0.0.1:0',
-      logLevel: 'info',
-      iptables: { netns: ns.name },
-      leaderElection: { enabled: true },
-    }));
-    const env: NodeJS.ProcessEnv = {};
-    for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('POLYDEV_')) env[k] = v;
-    const run = () => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], env);
+    const box = await daemonSandbox(cleanups, 'polydev-standby-bench-');
+    fs.writeFileSync(path.join(box.desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
+    const cfg = box.writeConfig({ leaderElection: { enabled: true } });
+    const run = () => spawnChild(t, process.execPath, [BIN, 'run', '--config', cfg], box.env);
 
     const a = run();
     const aBase = await waitListening(a);
