@@ -286,16 +286,24 @@ test('POST /api/v1/proxyports: created, idempotent, distinct ports, conflicts an
   t.true(ruleOf(rules.join('\n'), 'erin')!.endsWith('127.0.0.1:15555'));
 });
 
-test('POST /api/v1/proxyports: 200 concurrent requests for distinct users get 200 distinct ports, all programmed', async (t) => {
+// Serial: it runs before the concurrent tests of this file, alone in its worker. The burst makes the
+// pool reconcile back to back (each run forks iptables-save, iptables-restore and sysctl from the
+// worker's event loop, which also serves the 200 requests); with two more daemons of this file
+// polling beside it on a machine running two suites at once, single requests waited out the 90 s
+// guard. How fast a burst is served is for a benchmark; here every request must get its port.
+test.serial('POST /api/v1/proxyports: 200 concurrent requests for distinct users get 200 distinct ports, all programmed', async (t) => {
   const { env, api, daemon } = await setup(t);
   const n = 200;
   const started = Date.now();
+  const took: number[] = [];
   const results = await Promise.all(
-    Array.from({ length: n }, (_, i) =>
-      api.post('/api/v1/proxyports', { userId: `user-${i}`, sourceIP: `127.2.${Math.floor(i / 250)}.${(i % 250) + 1}` }),
-    ),
+    Array.from({ length: n }, async (_, i) => {
+      const r = await api.post('/api/v1/proxyports', { userId: `user-${i}`, sourceIP: `127.2.${Math.floor(i / 250)}.${(i % 250) + 1}` });
+      took.push(Date.now() - started);
+      return r;
+    }),
   );
-  t.log(`${n} concurrent POSTs took ${Date.now() - started} ms`);
+  t.log(`${n} concurrent POSTs took ${Date.now() - started} ms (first answer ${Math.min(...took)} ms); iptables ${JSON.stringify(daemon.iptables.stats)}`);
   t.deepEqual(results.map((r) => r.status).filter((s) => s !== 201), []);
   const ports = results.map((r) => r.body.port as number);
   t.is(new Set(ports).size, n);

@@ -338,13 +338,15 @@ test('the request timeout still fires when garbage is collected while the reques
   const { store } = openStore(t);
   const hang = await startReceiver(t, () => 'hang');
   degrade(store, 'gpu', Date.now() - 10 * MIN);
-  const timeoutMs = 1000;
+  // Long enough for the request to reach the receiver on a loaded machine (a 1 s one timed out
+  // before it arrived); collections every 50 ms meanwhile would collect an unreferenced signal.
+  const timeoutMs = 4000;
   const { notifier, metrics, lines } = makeNotifier(t, store, [{ name: 'hang', format: 'alertmanager', url: hang.url() }], { requestTimeoutMs: timeoutMs, backoffBaseMs: 3_600_000 });
   const collector = setInterval(gc, 50);
   t.teardown(() => clearInterval(collector));
   await within(notifier.evaluateNow(), 60_000, `evaluateNow to return (only the ${timeoutMs} ms request timeout can end it)`);
   clearInterval(collector);
-  t.is(hang.received.length, 1);
+  t.is(hang.received.length, 1, 'the request reached the receiver and hung there');
   t.is(await counter(metrics, { target: 'hang', status: 'failed' }), 1);
   t.true(lines.some((l) => l.includes(`timed out after ${timeoutMs} ms`)), 'the hanging request timed out');
 });
