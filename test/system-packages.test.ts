@@ -24,11 +24,11 @@ interface Run {
   stderr: string;
 }
 
-function run(args: string[], env: NodeJS.ProcessEnv = {}, user?: string): Run {
+function run(args: string[], env: NodeJS.ProcessEnv = {}, user?: string, script = SCRIPT): Run {
   const base = { ...process.env, ...env };
   delete base.POLYDEV_SKIP_SYSTEM_PACKAGES;
   if (env.POLYDEV_SKIP_SYSTEM_PACKAGES) base.POLYDEV_SKIP_SYSTEM_PACKAGES = env.POLYDEV_SKIP_SYSTEM_PACKAGES;
-  const argv = user ? [SETPRIV, `--reuid=${user}`, `--regid=${user}`, '--clear-groups', SH, SCRIPT, ...args] : [SH, SCRIPT, ...args];
+  const argv = user ? [SETPRIV, `--reuid=${user}`, `--regid=${user}`, '--clear-groups', SH, script, ...args] : [SH, script, ...args];
   const r = spawnSync(argv[0]!, argv.slice(1), { env: base, encoding: 'utf8', timeout: 120_000 });
   if (r.error) throw r.error;
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
@@ -121,8 +121,13 @@ test('a failing apt-get: its last lines, then one line with the command to run b
 
 test('not root: the packages and the command, one clear line each, exit 1, nothing run', (t) => {
   const f = fakeTools(t, ['docker.io']);
-  fs.chmodSync(path.dirname(f.aptLog), 0o755);
-  const r = run(['test'], f.env, '65534');
+  const dir = path.dirname(f.aptLog);
+  fs.chmodSync(dir, 0o755);
+  // A copy the unprivileged user can read (a checkout under /root is not readable to it).
+  const script = path.join(dir, 'system-packages.sh');
+  fs.copyFileSync(SCRIPT, script);
+  fs.chmodSync(script, 0o644);
+  const r = run(['test'], f.env, '65534', script);
   t.is(r.code, 1, r.stderr);
   t.deepEqual(r.stderr.trim().split('\n'), [
     'polydev-reconciler: npm test needs root (iptables, network namespaces) and these packages: docker.io',

@@ -199,7 +199,9 @@ test.serial('release destroys by default; recycle wipes the workspace and return
   const { dockerd } = t.context;
   const p = await poolEnv(t, dockerd, [
     { name: 'destroy', image: dockerd.image, size: 1, maxSize: 3 },
-    { name: 'recycle', image: dockerd.image, size: 2, maxSize: 2, claim: { onRelease: 'recycle', workspaceDir: '/tmp' } },
+    // /workspace, a folder of the test image's own, never /tmp: a container runtime that failed to
+    // isolate (seen with dockerd in a chroot) would run the wipe against the host's /tmp.
+    { name: 'recycle', image: dockerd.image, size: 2, maxSize: 2, claim: { onRelease: 'recycle', workspaceDir: '/workspace' } },
   ]);
   await p.waitWarm('destroy', 1);
   await p.waitWarm('recycle', 2);
@@ -218,11 +220,12 @@ test.serial('release destroys by default; recycle wipes the workspace and return
   const r = await p.api.claim('recycle', { userId: 'u', files: { token: 'abc' } });
   t.is(r.status, 201);
   const rid = r.body.container.id as string;
-  await dockerd.client.exec(rid, ['sh', '-c', 'echo work > /tmp/project.txt'], { timeoutMs: 30_000 });
+  await dockerd.client.exec(rid, ['sh', '-c', 'echo work > /workspace/project.txt'], { timeoutMs: 30_000 });
+  t.is((await execOut(dockerd, rid, ['ls', '-A', '/workspace'])).trim(), 'project.txt');
   t.is((await p.api.release(r.body.claimId)).status, 200);
   // Hang guard: a wipe (docker exec) and a restart on a loaded dockerd.
   await waitFor('recycled container warm again', () => p.members('recycle').some((m) => m.containerId === rid && m.state === 'warm'), 60_000);
-  t.is(await execOut(dockerd, rid, ['ls', '-A', '/tmp']), '', 'workspace wiped');
+  t.is(await execOut(dockerd, rid, ['ls', '-A', '/workspace']), '', 'workspace wiped');
   t.is(await execOut(dockerd, rid, ['ls', '-A', '/run/polydev']), '', 'credentials wiped');
 });
 
