@@ -479,7 +479,7 @@ export async function runCli(argv: string[], io: Io = { out: (t) => process.stdo
 }
 
 async function runOnce(cfg: Config, io: Io): Promise<number> {
-  const daemon = new Daemon(cfg, { serveApi: false, logger: createLogger(cfg.logLevel, 'stderr') });
+  const daemon = new Daemon(cfg, { serveApi: false, logger: createLogger(cfg.logLevel, 'stderr', cfg.logFormat) });
   await daemon.start();
   try {
     const report = await daemon.waitConverged(cfg.onceTimeoutMs);
