@@ -1,6 +1,6 @@
 import { createActor, fromPromise, waitFor, type SnapshotFrom } from 'xstate';
 import type { Logger } from '../observability/logger.js';
-import type { Metrics } from '../observability/metrics.js';
+import { RECONCILE_RESULTS, type Metrics } from '../observability/metrics.js';
 import type { Store } from '../state/store.js';
 import {
   setCondition,
@@ -63,6 +63,14 @@ const splitKey = (k: string): [string, string] => {
   return [k.slice(0, i), k.slice(i + 1)];
 };
 
+/** A controlled kind's reconcile series at 0 before its first reconcile (see metrics.ts); drift only where it can be found. */
+function exportKindSeries(metrics: Metrics, kind: string, converging: boolean): void {
+  for (const result of RECONCILE_RESULTS) metrics.reconcileTotal.inc({ kind, result }, 0);
+  metrics.reconcileErrors.inc({ kind }, 0);
+  metrics.reconcileDuration.zero({ kind });
+  if (converging) metrics.driftTotal.inc({ kind }, 0);
+}
+
 /**
  * The machinery that every kind shares (controller-runtime's Manager): the work queue and its
  * workers, backoff kept in the store, periodic resync, the change feed, watches between kinds,
@@ -115,6 +123,7 @@ export class Manager {
     };
     for (const c of opts.controllers) {
       this.controllers.set(c.kind, c);
+      exportKindSeries(opts.metrics, c.kind, isConverging(c));
       for (const w of c.watches ?? []) {
         const list = this.watchers.get(w.kind) ?? [];
         list.push({ controller: c, map: w.map });
@@ -236,7 +245,7 @@ export class Manager {
     const [kind, name] = splitKey(k);
     const controller = this.controllers.get(kind);
     const started = performance.now();
-    let result = 'success';
+    let result: (typeof RECONCILE_RESULTS)[number] = 'success';
     try {
       if (!controller) {
         this.markUncontrolled(kind, name);
