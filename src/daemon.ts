@@ -11,7 +11,7 @@ import { DesiredStateDirWatcher } from './desired/dir-watcher.js';
 import { IptablesDriver, runProcess, findExecutable } from './drivers/iptables.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
-import { Manager, type ConvergenceReport } from './runtime/manager.js';
+import { Manager, type ConvergenceReport, type ManagerOptions } from './runtime/manager.js';
 import { Lease, SqliteLeaderElector } from './state/lease.js';
 import { Notifier } from './notify/notifier.js';
 import { KubernetesClient, resolveNamespace } from './drivers/kubernetes.js';
@@ -29,6 +29,8 @@ export interface DaemonOptions {
   healthTickMs?: number;
   /** Engines to use instead of those the config describes (tests). */
   engines?: EngineFactories;
+  /** Failure backoff and when failures make a resource Degraded, instead of the defaults (tests: no config knob sets these). */
+  retries?: Pick<ManagerOptions, 'backoff' | 'degraded'>;
   /**
    * What to do when leadership is lost (another process holds the lease now): by default stop and
    * exit 1, as controller-runtime does, so a supervisor restarts the process as a clean standby.
@@ -167,6 +169,7 @@ export class Daemon {
       controllers,
       workers: config.workers,
       resyncIntervalMs: config.resyncIntervalMs,
+      ...(this.options.retries ?? {}),
       ...(this.elector ? { mayAct: () => this.elector!.isLeader() } : {}),
     });
     this.metrics.reportStoreStateWhen(() => this.isLeader());

@@ -163,7 +163,8 @@ async function runningDaemon(t: ExecutionContext): Promise<Running> {
     process: { runDir },
     notify: { targets: [{ name: 'ops', format: 'alertmanager', url: receiver.url('/hook') }] },
   });
-  const daemon = await startDaemon(t, cfgFile);
+  // Degraded after 5 failures over 2 s rather than the default minute: the test waits for it.
+  const daemon = await startDaemon(t, cfgFile, { retries: { degraded: { afterFailures: 5, afterMs: 2_000 } } });
   const owner = installationId(daemon.store);
   t.teardown(async () => {
     await daemon.stop();
@@ -228,7 +229,7 @@ test('per-resource gauges follow the store: phase, Ready reason (EngineUnavailab
   }, WAIT_MS);
   t.is(metricValue(text, 'polydev_resource_ready', { kind: 'WarmPool', name: 'dev', reason: 'Converged' }), 1);
 
-  // The Docker pool: Ready=False with reason EngineUnavailable, and Degraded after 5 failures in a row.
+  // The Docker pool: Ready=False with reason EngineUnavailable, and Degraded after 5 failures in a row over 2 s.
   text = await waitFor('WarmPool/nodocker Degraded', async () => {
     const s = await scrape();
     return metricValue(s, 'polydev_resource_phase', { kind: 'WarmPool', name: 'nodocker', phase: 'Degraded' }) === 1 ? s : undefined;
