@@ -269,6 +269,10 @@ test('a running daemon follows what the CLI writes (proxyport add/remove through
   t.is((await c.run(['proxyport', 'remove', 'dave'])).code, 0);
   await waitFor('dave\'s rule to go', async () => ruleOf(await saveNat(c.env.ns), 'dave') === undefined);
   await waitFor('ProxyPort dave to go', async () => (await c.run(['get', 'proxyport', 'dave'])).code === 1);
+  // The daemon's log says what the CLI changed, when it took it up.
+  const logged = daemon.stdout().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+  t.like(logged.find((e) => e['message'] === 'desired state changed by another process' && e['resource'] === 'ProxyPort/dave'), { level: 'info', generation: 1 });
+  t.like(logged.find((e) => e['message'] === 'deletion requested by another process'), { level: 'info', resource: 'ProxyPort/dave' });
   // run --once (or a second daemon) on the same DB is refused while the daemon runs.
   const once = await c.run(['run', '--once']);
   t.is(once.code, 2);

@@ -311,10 +311,26 @@ export class Manager {
       for (const c of changes) {
         this.lastSeq = c.seq;
         if (this.handledSeqs.delete(c.seq)) continue;
+        this.logOutsideChange(c);
         this.handleChange(c);
       }
     } catch (err) {
       this.opts.logger.warn('cannot read the change feed', { error: (err as Error).message });
+    }
+  }
+
+  /**
+   * Desired state another process wrote (the CLI's apply, delete, proxyport add/remove) is logged
+   * at info when the daemon takes it up, so its log tells what changed and when; changes made in
+   * this process are logged where they are made (directory applies, the API).
+   */
+  private logOutsideChange(c: Change): void {
+    if (c.op !== 'upsert' && c.op !== 'delete-requested') return;
+    const res = this.opts.store.getResource(c.kind, c.name);
+    if (c.op === 'upsert') {
+      this.opts.logger.info('desired state changed by another process', { resource: key(c.kind, c.name), generation: res?.metadata.generation ?? null });
+    } else {
+      this.opts.logger.info('deletion requested by another process', { resource: key(c.kind, c.name) });
     }
   }
 
