@@ -57,7 +57,9 @@ export class EngineSet {
     if (!engine) {
       const make = this.factories[name];
       if (!make) {
-        throw new EngineError('EngineUnavailable', `the ${name} engine is not configured in this daemon`);
+        // Only nomad needs a setting (docker and process always have a factory in a daemon).
+        const how = name === 'nomad' ? ' (set nomad.address in its config, env POLYDEV_NOMAD_ADDRESS)' : '';
+        throw new EngineError('EngineUnavailable', `the ${name} engine is not configured in this daemon${how}`);
       }
       let made: Engine;
       try {
