@@ -72,7 +72,9 @@ export function renderNomadJob(spec: ContainerSpec, opts: { datacenters: string[
   const ports = spec.ports ?? [];
   const config: Record<string, unknown> = {
     image: spec.image,
-    labels: { ...meta },
+    // The docker driver declares labels `list(map(string))` (drivers/docker/config.go, Nomad 1.7.3):
+    // an object here registers fine and then fails every allocation on the client.
+    labels: [{ ...meta }],
     // The secrets directory is a tmpfs, as on the docker engine: credentials never touch disk.
     mount: [{ type: 'tmpfs', target: SECRETS_DIR, readonly: false, tmpfs_options: { size: SECRETS_TMPFS_BYTES, mode: 0o700 } }],
   };
@@ -177,11 +179,15 @@ function networkOf(a: NomadAllocation): { address: string; ports: Record<string,
   return address ? { address, ports } : undefined;
 }
 
-/** Nomad's own words for why a task failed: the driver error, else the last failing event. */
+/**
+ * Nomad's own words for why a task failed: the newest validation, setup or driver error (a
+ * Config the client could not decode, a failed pull…), else the last failing event.
+ */
 export function failureReason(events: NomadTaskEvent[], client: string): string {
   for (let i = events.length - 1; i >= 0; i--) {
     const e = events[i]!;
-    if (e.DriverError) return e.DriverError;
+    const why = e.ValidationError || e.SetupError || e.DriverError;
+    if (why) return oneLine(why);
   }
   for (let i = events.length - 1; i >= 0; i--) {
     const e = events[i]!;
@@ -189,6 +195,15 @@ export function failureReason(events: NomadTaskEvent[], client: string): string 
     if (e.FailsTask || e.Type === 'Setup Failure' || e.Type === 'Killed') return e.DisplayMessage ?? e.Message ?? e.Type;
   }
   return `allocation is ${client}`;
+}
+
+/** Nomad's multierror texts ("2 errors occurred:\n\t* …") on one line, for conditions and claims. */
+function oneLine(s: string): string {
+  return s
+    .split('\n')
+    .map((l) => l.trim().replace(/^\* /, ''))
+    .filter(Boolean)
+    .join(' ');
 }
 
 function exitCodeOf(events: NomadTaskEvent[]): number | undefined {

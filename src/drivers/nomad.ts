@@ -116,6 +116,9 @@ export interface NomadTaskEvent {
   DisplayMessage?: string;
   Message?: string;
   DriverError?: string;
+  /** Set on "Failed Validation": e.g. the driver Config did not decode against the driver's spec. */
+  ValidationError?: string;
+  SetupError?: string;
   ExitCode?: number;
   Signal?: number;
   RestartReason?: string;

@@ -25,7 +25,7 @@
 // filter expressions, gzip, the event stream's buffer eviction, TTY exec.
 
 import http from 'node:http';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { ExecutionContext } from 'ava';
@@ -33,6 +33,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 
 import { query, type DockerClient } from '../../src/drivers/docker.js';
 
+import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError } from './nomad-driver-config.js';
 import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
 
 export interface FakeNomadOptions {
@@ -45,6 +46,8 @@ export interface FakeNomadOptions {
   docker?: DockerClient;
   /** Devices the one node has, by name (e.g. {'nvidia/gpu': 1}); default none. */
   devices?: Record<string, number>;
+  /** The docker plugin's allow_caps on the node (default: Nomad's, DOCKER_DEFAULT_ALLOW_CAPS). */
+  dockerAllowCaps?: string[];
 }
 
 /** Label on every container the fake starts (value: the fake's id), for cleanup. */
@@ -89,6 +92,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   const heartbeatMs = opts.heartbeatMs ?? 10_000;
   const placeMs = opts.placeMs ?? 20;
   const failImages = new Set(opts.failImages ?? []);
+  const allowCaps = opts.dockerAllowCaps ?? DOCKER_DEFAULT_ALLOW_CAPS;
+  const imageId = (image: string): string => `sha256:${createHash('sha256').update(image).digest('hex')}`;
 
   let index = 1;
   const tableIndex = { jobs: 1, allocs: 1 };
@@ -218,6 +223,9 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
 
   function place(job: NomadJob, idx: number): NomadAllocation[] {
     const out: NomadAllocation[] = [];
+    // A parameterized or periodic job is a template: Nomad places allocations only for the jobs
+    // dispatched or launched from it.
+    if (job.ParameterizedJob || job.Periodic) return out;
     const nowNs = Date.now() * 1e6;
     for (const tg of job.TaskGroups ?? []) {
       for (let i = 0; i < (tg.Count ?? 1); i++) {
@@ -240,10 +248,18 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         const tasks: Record<string, NonNullable<NomadAllocation['AllocatedResources']>['Tasks'] extends infer T ? T extends Record<string, infer V> ? V : never : never> = {};
         const states: Record<string, NomadTaskState> = {};
         for (const task of tg.Tasks) {
+          // Task-level networks (deprecated, but the only ones the qemu driver forwards in 1.7/1.8):
+          // their ports are allocated per task, with no `To`.
+          const taskNets = (task.Resources?.Networks ?? []).map((n) => ({
+            Mode: n.Mode ?? 'host',
+            IP: '127.0.0.1',
+            DynamicPorts: (n.DynamicPorts ?? []).map((p) => ({ Label: p.Label, Value: nextPort++ })),
+            ReservedPorts: (n.ReservedPorts ?? []).map((p) => ({ Label: p.Label, Value: p.Value ?? 0 })),
+          }));
           tasks[task.Name] = {
             Cpu: { CpuShares: task.Resources?.CPU ?? 100, ReservedCores: null },
             Memory: { MemoryMB: task.Resources?.MemoryMB ?? 300, MemoryMaxMB: task.Resources?.MemoryMaxMB ?? 0 },
-            Networks: null,
+            Networks: taskNets.length ? taskNets : null,
             Devices: null,
           };
           states[task.Name] = taskState('pending', false, [
@@ -296,27 +312,69 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     timers.add(tm);
   }
 
+  type TaskFailure = { kind: 'validation' | 'driver'; message: string };
+
+  /**
+   * What a Nomad client refuses before any container exists: a driver Config that does not decode
+   * against the driver's spec (a "Failed Validation" event, task_runner.go runDriver, v1.7.3), and
+   * what the driver refuses when it builds the container (a "Driver Failure" event).
+   */
+  function clientRefusal(task: NomadJob['TaskGroups'][number]['Tasks'][number]): TaskFailure | undefined {
+    const invalid = driverConfigError(task.Driver, task.Config);
+    if (invalid) return { kind: 'validation', message: invalid };
+    const cfg = (task.Config ?? {}) as Record<string, unknown>;
+    if (task.Driver === 'docker') {
+      const image = typeof cfg.image === 'string' ? cfg.image : '';
+      if (failImages.has(image)) {
+        return { kind: 'driver', message: `Failed to pull \`${image}\`: Error response from daemon: manifest for ${image} not found: manifest unknown` };
+      }
+      // drivers/docker/driver.go (StartTask → createContainerConfig → capabilities.Delta), v1.7.3.
+      const missing = disallowedCaps(cfg.cap_add, allowCaps);
+      if (missing.length) {
+        return {
+          kind: 'driver',
+          message: `Failed to create container configuration for image ${JSON.stringify(image)} (${JSON.stringify(imageId(image))}): driver does not allow the following capabilities: ${missing.join(', ')}`,
+        };
+      }
+    }
+    if (task.Driver === 'qemu') {
+      // drivers/qemu/driver.go (StartTask), v1.7.3: port_map labels are looked up in the TASK's
+      // network (cfg.Resources.NomadResources.Networks), never in the group's.
+      const taskNets = task.Resources?.Networks ?? [];
+      const portMap = Array.isArray(cfg.port_map) ? (cfg.port_map as Array<Record<string, number>>) : [];
+      const labels = new Set(taskNets.length ? [...(taskNets[0]!.DynamicPorts ?? []), ...(taskNets[0]!.ReservedPorts ?? [])].map((p) => p.Label) : []);
+      if (taskNets.length) {
+        for (const m of portMap) for (const label of Object.keys(m)) if (!labels.has(label)) return { kind: 'driver', message: `Unknown port label ${JSON.stringify(label)}` };
+      }
+    }
+    return undefined;
+  }
+
   async function runAllocs(jobId: string, allocIds: string[]): Promise<void> {
-    // Docker mode: the containers first (outside the write), then one write with the outcomes.
-    const failures = new Map<string, Map<string, string>>();
-    if (docker) {
-      for (const id of allocIds) {
-        const a = allocs.get(id);
-        if (!a || a.DesiredStatus !== 'run' || a.ClientStatus !== 'pending') continue;
-        const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
-        const failed = new Map<string, string>();
-        for (const task of tg?.Tasks ?? []) {
-          if (task.Driver !== 'docker') continue;
-          try {
-            const cid = await runTask(a, task);
-            let per = containers.get(a.ID);
-            if (!per) containers.set(a.ID, (per = new Map()));
-            per.set(task.Name, cid);
-          } catch (err) {
-            failed.set(task.Name, (err as Error).message);
-          }
+    // The client's checks, then (docker mode) the containers outside the write, then one write
+    // with the outcomes.
+    const failures = new Map<string, Map<string, TaskFailure>>();
+    for (const id of allocIds) {
+      const a = allocs.get(id);
+      if (!a || a.DesiredStatus !== 'run' || a.ClientStatus !== 'pending') continue;
+      const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
+      const failed = new Map<string, TaskFailure>();
+      failures.set(id, failed);
+      for (const task of tg?.Tasks ?? []) {
+        const refused = clientRefusal(task);
+        if (refused) {
+          failed.set(task.Name, refused);
+          continue;
         }
-        failures.set(id, failed);
+        if (!docker || task.Driver !== 'docker') continue;
+        try {
+          const cid = await runTask(a, task);
+          let per = containers.get(a.ID);
+          if (!per) containers.set(a.ID, (per = new Map()));
+          per.set(task.Name, cid);
+        } catch (err) {
+          failed.set(task.Name, { kind: 'driver', message: (err as Error).message });
+        }
       }
     }
     if (closed) return;
@@ -335,20 +393,20 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         let anyFailed = false;
         for (const task of tg?.Tasks ?? []) {
           const st = a.TaskStates![task.Name]!;
-          const image = task.Config?.image;
-          const dockerWhy = failures.get(id)?.get(task.Name);
-          const why =
-            dockerWhy ??
-            (typeof image === 'string' && failImages.has(image)
-              ? `Failed to pull \`${image}\`: Error response from daemon: manifest for ${image} not found: manifest unknown`
-              : undefined);
+          const why = failures.get(id)?.get(task.Name);
           if (why !== undefined) {
             anyFailed = true;
             st.State = 'dead';
             st.Failed = true;
             st.FinishedAt = new Date().toISOString();
-            st.Events!.push({ Type: 'Driver Failure', Time: nowNs, DisplayMessage: why, DriverError: why, FailsTask: true });
-            st.Events!.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Error was unrecoverable', FailsTask: true });
+            if (why.kind === 'validation') {
+              // structs.TaskFailedValidation + SetValidationError (nomad/structs/structs.go, v1.7.3).
+              st.Events!.push({ Type: 'Failed Validation', Time: nowNs, DisplayMessage: why.message, ValidationError: why.message, Details: { validation_error: why.message } });
+            } else {
+              st.Events!.push({ Type: 'Driver Failure', Time: nowNs, DisplayMessage: why.message, DriverError: why.message, Details: { driver_error: why.message } });
+            }
+            // Neither error is recoverable: restarts.go's ReasonUnrecoverableError, whatever the policy.
+            st.Events!.push({ Type: 'Not Restarting', Time: nowNs, DisplayMessage: 'Error was unrecoverable', RestartReason: 'Error was unrecoverable', FailsTask: true });
           } else {
             st.State = 'running';
             st.StartedAt = new Date().toISOString();
@@ -377,7 +435,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       image?: string;
       entrypoint?: string[];
       args?: string[];
-      labels?: Record<string, string>;
+      labels?: Array<Record<string, string>>;
       mount?: Array<{ type?: string; target?: string; tmpfs_options?: { size?: number; mode?: number } }>;
     };
     const image = cfg.image ?? '';
@@ -403,7 +461,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     const body: Record<string, unknown> = {
       Image: image,
       Env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
-      Labels: { ...(cfg.labels ?? {}), [FAKE_NOMAD_LABEL]: fakeId, 'polydev.test/fake-nomad-alloc': a.ID },
+      Labels: { ...Object.assign({}, ...(cfg.labels ?? [])), [FAKE_NOMAD_LABEL]: fakeId, 'polydev.test/fake-nomad-alloc': a.ID },
       // Host networking: the task listens on NOMAD_PORT_<label>, reachable at 127.0.0.1 like a Nomad node's address.
       HostConfig: { NetworkMode: 'host', Tmpfs: tmpfs, RestartPolicy: { Name: 'no' } },
     };
