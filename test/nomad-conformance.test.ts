@@ -3,7 +3,8 @@
 // test/helpers/fake-nomad.ts and test/helpers/nomad-driver-config.ts (file and version).
 
 import test from 'ava';
-import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
+import { LABELS, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
+import { NomadClient, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
 import { NomadEngine, failureReason, renderNomadJob } from '../src/drivers/nomad-engine.js';
 import { DOCKER_TASK_CONFIG_SPEC, decodeHclJson, driverConfigError } from './helpers/nomad-driver-config.js';
 import { startFakeNomad } from './helpers/fake-nomad.js';
@@ -139,4 +140,83 @@ test('row 3: cap_add outside the docker plugin\'s allow_caps fails the task with
     failureReason(alloc.TaskStates?.t?.Events ?? [], 'failed'),
     /^Failed to create container configuration for image "polydev-reconciler:latest" \("sha256:[0-9a-f]{64}"\): driver does not allow the following capabilities: net_admin$/,
   );
+});
+
+// ---- rows 5, 6, 14 ---------------------------------------------------------------------------
+
+/** Every event a raw stream of the fake delivers, for asserting on what Nomad sends. */
+function collect(client: NomadClient, topics: string[]): { events: NomadEvent[]; stop(): void } {
+  const events: NomadEvent[] = [];
+  const s = client.eventStream(topics, (b) => events.push(...b.events));
+  return { events, stop: () => s.stop() };
+}
+
+const OWNER = WARM_TEMPLATE_SPEC.labels[LABELS.owner]!;
+
+function warmSpec(pool: string, slot: string): ContainerSpec {
+  return { ...WARM_TEMPLATE_SPEC, pool, slot, name: `polydev-${pool}-${slot}`, labels: { ...WARM_TEMPLATE_SPEC.labels, [LABELS.pool]: pool, [LABELS.slot]: slot } };
+}
+
+test('row 6: allocation events carry no job, and the engine still names the pool of a job it has not cached', async (t) => {
+  const nomad = await startFakeNomad(t);
+  const client = new NomadClient({ address: nomad.address });
+  const raw = collect(client, ['Allocation']);
+  t.teardown(() => raw.stop());
+  const engine = new NomadEngine({ client, datacenters: ['*'] });
+  t.teardown(() => engine.close());
+  const seen: EngineEvent[] = [];
+  engine.watch(OWNER, (e) => seen.push(e));
+  // Registered behind the engine's back (another replica, or before a restart): not in its cache.
+  const job = renderNomadJob(warmSpec('my-pool', 'abc123'), { datacenters: ['*'] });
+  await client.registerJob(job, { enforceIndex: 0 });
+  const started = await waitFor(() => seen.find((e) => e.id === job.ID && e.type === 'start'));
+  t.is(started.pool, 'my-pool');
+  t.true(raw.events.length > 0);
+  for (const e of raw.events) t.is((e.Payload.Allocation as { Job?: unknown }).Job, null, 'nomad/state/events.go drops the job');
+});
+
+for (const nomadVersion of ['1.7.3', '1.7.5'] as const) {
+  test(`row 5: a purge on Nomad ${nomadVersion} ${nomadVersion === '1.7.3' ? 'emits no Job event' : 'emits JobDeregistered'}, and the engine reports the container gone either way`, async (t) => {
+    const nomad = await startFakeNomad(t, { nomadVersion });
+    const client = new NomadClient({ address: nomad.address });
+    const engine = new NomadEngine({ client, datacenters: ['*'], startTimeoutMs: 20_000 });
+    t.teardown(() => engine.close());
+    const c = await engine.start(warmSpec('openai', 'def456'));
+    const raw = collect(client, ['Job', 'Allocation']);
+    t.teardown(() => raw.stop());
+    const seen: EngineEvent[] = [];
+    engine.watch(OWNER, (e) => seen.push(e));
+    const { meta } = await client.listJobs();
+    // Someone else purges it (an operator's `nomad job stop -purge`): the engine did not ask for it.
+    await client.deregisterJob(c.id, { purge: true });
+    const gone = await waitFor(() => seen.find((e) => e.id === c.id && (e.type === 'die' || e.type === 'destroy')));
+    t.is(gone.pool, 'openai');
+    await waitFor(() => raw.events.find((e) => e.Topic === 'Allocation' && e.Index > meta.index && (e.Payload.Allocation as { ClientStatus: string }).ClientStatus === 'complete'));
+    const jobEvents = raw.events.filter((e) => e.Topic === 'Job' && e.Index > meta.index);
+    t.deepEqual(jobEvents.map((e) => e.Type), nomadVersion === '1.7.3' ? [] : ['JobDeregistered']);
+    t.deepEqual(await engine.list(OWNER), []);
+  });
+}
+
+test('row 14: DELETE of an unknown job is 200 with an empty EvalID; the engine\'s remove is quiet about it', async (t) => {
+  const nomad = await startFakeNomad(t);
+  const client = new NomadClient({ address: nomad.address });
+  t.deepEqual(await client.deregisterJob('never-registered', { purge: true }), { evalId: '' });
+  const engine = new NomadEngine({ client, datacenters: ['*'] });
+  await t.notThrowsAsync(engine.remove('polydev-x-never-registered'));
+});
+
+test('row 16: a purge answers before the allocations stop: their "stop" comes at a later index than the deregistration', async (t) => {
+  const nomad = await startFakeNomad(t);
+  const client = new NomadClient({ address: nomad.address });
+  await client.registerJob(dockerJob('purged', { image: 'busybox' }));
+  await waitFor(async () => (await client.jobAllocations('purged')).items.find((a) => a.ClientStatus === 'running'));
+  const raw = collect(client, ['Allocation']);
+  t.teardown(() => raw.stop());
+  const { meta } = await client.listJobs();
+  await client.deregisterJob('purged', { purge: true });
+  const after = nomad.index;
+  const stop = await waitFor(() => raw.events.find((e) => e.Index > meta.index && (e.Payload.Allocation as { DesiredStatus: string }).DesiredStatus === 'stop'));
+  t.true(stop.Index > after, `stop at ${stop.Index}, the deregistration answered at ${after}`);
+  t.is(stop.Type, 'PlanResult');
 });

@@ -59,6 +59,17 @@ export function nomadJobPrefix(owner: string): string {
   return `polydev-${owner}-`;
 }
 
+/**
+ * The pool in a job id of this installation (`<prefix><pool>-<slot>`, slots are hex). Allocation
+ * events carry no job (nomad/state/events.go sets `Allocation.Job = nil`, Nomad 1.7.3), so for a
+ * job not in the cache the id is all there is.
+ */
+export function poolOfJobId(jobId: string, prefix: string): string | undefined {
+  if (!jobId.startsWith(prefix)) return undefined;
+  const m = /^(.+)-[0-9a-f]+$/.exec(jobId.slice(prefix.length));
+  return m?.[1];
+}
+
 function ownerOf(spec: ContainerSpec): string {
   const owner = spec.labels[LABELS.owner];
   if (!owner) throw new EngineError('StartFailed', `container ${spec.name}: no ${LABELS.owner} label`);
@@ -594,7 +605,7 @@ export class NomadEngine implements Engine {
         if (old.ports) v.ports = old.ports;
       }
       entry?.allocs.set(a.ID, v);
-      const pool = entry?.stub.Meta?.[LABELS.pool] ?? (a.Job?.Meta ?? {})[LABELS.pool];
+      const pool = entry?.stub.Meta?.[LABELS.pool] ?? poolOfJobId(a.JobID, prefix);
       if (!pool) return undefined;
       const at = typeof a.ModifyTime === 'number' ? Math.floor(a.ModifyTime / NS_PER_MS) : undefined;
       const type = v.desired !== 'run' || ['failed', 'complete', 'lost'].includes(v.client) ? 'die' : v.client === 'running' ? 'start' : undefined;
@@ -603,7 +614,10 @@ export class NomadEngine implements Engine {
     }
     if (e.Topic === 'Job' && e.Key.startsWith(prefix)) {
       const entry = this.cache.get(e.Key);
-      const pool = entry?.stub.Meta?.[LABELS.pool] ?? ((e.Payload['Job'] as NomadJob | undefined)?.Meta ?? {})[LABELS.pool];
+      const pool = entry?.stub.Meta?.[LABELS.pool] ?? ((e.Payload['Job'] as NomadJob | undefined)?.Meta ?? {})[LABELS.pool] ?? poolOfJobId(e.Key, prefix);
+      // A purge emits this only on Nomad 1.7.5+ (nomad/state/events.go); on 1.7.0–1.7.4 the
+      // allocations' desired "stop" (a "die" above) is the only word of it, and list() forgets
+      // the job when it is no longer listed.
       if (e.Type === 'JobDeregistered') {
         this.cache.delete(e.Key);
         return pool ? { id: e.Key, pool, type: 'destroy' } : undefined;

@@ -46,6 +46,11 @@ export interface FakeNomadOptions {
   docker?: DockerClient;
   /** Devices the one node has, by name (e.g. {'nvidia/gpu': 1}); default none. */
   devices?: Record<string, number>;
+  /**
+   * Which Nomad the fake answers like where versions differ (default '1.7.3', what the platform
+   * runs): a purge deregistration emits a Job event only from 1.7.5 on (nomad/state/events.go).
+   */
+  nomadVersion?: '1.7.3' | '1.7.5';
   /** The docker plugin's allow_caps on the node (default: Nomad's, DOCKER_DEFAULT_ALLOW_CAPS). */
   dockerAllowCaps?: string[];
 }
@@ -92,6 +97,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   const heartbeatMs = opts.heartbeatMs ?? 10_000;
   const placeMs = opts.placeMs ?? 20;
   const failImages = new Set(opts.failImages ?? []);
+  const nomadVersion = opts.nomadVersion ?? '1.7.3';
   const allowCaps = opts.dockerAllowCaps ?? DOCKER_DEFAULT_ALLOW_CAPS;
   const imageId = (image: string): string => `sha256:${createHash('sha256').update(image).digest('hex')}`;
 
@@ -156,7 +162,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     Namespace: a.Namespace ?? 'default',
     FilterKeys: [a.JobID, a.DeploymentID as string].filter(Boolean),
     Index: idx,
-    Payload: { Allocation: structuredClone(a) },
+    // nomad/state/events.go (v1.7.3): "remove job info to help keep size of alloc event down".
+    Payload: { Allocation: { ...structuredClone(a), Job: null } },
   });
 
   function stub(j: NomadJob, withMeta: boolean): NomadJobStub {
@@ -216,7 +223,10 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     return true;
   }
 
+  const released = new Set<string>();
   function releaseDevices(a: NomadAllocation): void {
+    if (released.has(a.ID)) return;
+    released.add(a.ID);
     const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
     for (const t of tg?.Tasks ?? []) for (const d of t.Resources?.Devices ?? []) devicesFree.set(d.Name, (devicesFree.get(d.Name) ?? 0) + (d.Count ?? 1));
   }
@@ -350,6 +360,51 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     return undefined;
   }
 
+  /** The scheduler's plan for a stopped job (desired "stop"), then the client killing its tasks. */
+  function stopJobAllocsLater(jobId: string): void {
+    const tm = setTimeout(() => {
+      timers.delete(tm);
+      if (closed) return;
+      const stopping: NomadAllocation[] = [];
+      write(['allocs'], (i) => {
+        const evs: NomadEvent[] = [];
+        for (const a of allocs.values()) {
+          if (a.JobID !== jobId || a.DesiredStatus !== 'run') continue;
+          a.DesiredStatus = 'stop';
+          a.DesiredDescription = 'alloc not needed due to job update';
+          a.ModifyIndex = i;
+          stopping.push(a);
+          evs.push(allocEvent('PlanResult', a, i));
+        }
+        return evs;
+      });
+      const run = (async () => {
+        for (const a of stopping) await stopContainers(a);
+        if (closed || stopping.length === 0) return;
+        write(['allocs'], (i) => {
+          const evs: NomadEvent[] = [];
+          for (const a of stopping) {
+            if (a.ClientStatus !== 'pending' && a.ClientStatus !== 'running') continue;
+            a.ClientStatus = 'complete';
+            a.ClientDescription = 'All tasks have completed';
+            for (const st of Object.values(a.TaskStates ?? {})) {
+              if (st.State === 'dead') continue;
+              st.State = 'dead';
+              st.FinishedAt = new Date().toISOString();
+              st.Events?.push({ Type: 'Killed', Time: Date.now() * 1e6, DisplayMessage: 'Task successfully killed' });
+            }
+            a.ModifyIndex = i;
+            evs.push(allocEvent('AllocationUpdated', a, i));
+          }
+          return evs;
+        });
+      })().catch(() => undefined);
+      pending.add(run);
+      void run.finally(() => pending.delete(run));
+    }, placeMs);
+    timers.add(tm);
+  }
+
   async function runAllocs(jobId: string, allocIds: string[]): Promise<void> {
     // The client's checks, then (docker mode) the containers outside the write, then one write
     // with the outcomes.
@@ -384,9 +439,12 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       const nowNs = Date.now() * 1e6;
       for (const id of allocIds) {
         const a = allocs.get(id);
-        if (!a || a.ClientStatus !== 'pending') continue;
+        if (!a) continue;
         if (a.DesiredStatus !== 'run') {
           stopped.push(a); // deregistered while its containers were starting
+          continue;
+        }
+        if (a.ClientStatus !== 'pending') {
           continue;
         }
         const tg = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup);
@@ -708,36 +766,22 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         return send(res, 200, job, queryHeaders(tableIndex.jobs));
       }
       if (method === 'DELETE') {
-        if (!job) return send(res, 404, 'job not found');
+        // nomad/job_endpoint.go (Job.Deregister, v1.7.3): an unknown job is no error, just no evaluation.
+        if (!job) return send(res, 200, { EvalID: '', EvalCreateIndex: 0, JobModifyIndex: 0, Index: 0 }, { 'X-Nomad-Index': '0' });
         const purge = u.searchParams.get('purge') === 'true';
-        const stopping: NomadAllocation[] = [];
-        const idx = write(['jobs', 'allocs'], (i) => {
-          const evs: NomadEvent[] = [];
+        const idx = write(['jobs'], (i) => {
           job.Stop = true;
           job.Status = 'dead';
           job.ModifyIndex = i;
           job.JobModifyIndex = i;
-          for (const a of allocs.values()) {
-            if (a.JobID !== id || a.DesiredStatus !== 'run') continue;
-            a.DesiredStatus = 'stop';
-            a.DesiredDescription = 'alloc not needed due to job update';
-            if (a.ClientStatus === 'pending' || a.ClientStatus === 'running') {
-              a.ClientStatus = 'complete';
-              for (const st of Object.values(a.TaskStates ?? {})) {
-                st.State = 'dead';
-                st.FinishedAt = new Date().toISOString();
-                st.Events?.push({ Type: 'Killed', Time: Date.now() * 1e6, DisplayMessage: 'Task successfully killed' });
-              }
-            }
-            a.ModifyIndex = i;
-            stopping.push(a);
-            evs.push(allocEvent('AllocationUpdateDesiredStatus', a, i));
-          }
           if (purge) jobs.delete(id);
-          evs.push(jobEvent('JobDeregistered', job, i));
-          return evs;
+          // nomad/state/events.go: a purge deletes the job row, and deletions of "jobs" make an
+          // event only from 1.7.5 on; a stop (no purge) updates the row and always makes one.
+          return !purge || nomadVersion !== '1.7.3' ? [jobEvent('JobDeregistered', job, i)] : [];
         });
-        for (const a of stopping) void stopContainers(a);
+        // The evaluation the deregistration created stops the allocations later, asynchronously
+        // (the scheduler's plan, then the client killing the tasks), not before the answer.
+        stopJobAllocsLater(id);
         return send(res, 200, { EvalID: randomUUID(), EvalCreateIndex: idx, JobModifyIndex: idx, Index: idx }, { 'X-Nomad-Index': String(idx) });
       }
     }
