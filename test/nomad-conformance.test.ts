@@ -3,8 +3,8 @@
 // test/helpers/fake-nomad.ts and test/helpers/nomad-driver-config.ts (file and version).
 
 import test from 'ava';
-import { LABELS, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
-import { NomadClient, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
+import { EngineError, LABELS, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
+import { NomadClient, NomadError, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
 import { NomadEngine, failureReason, renderNomadJob } from '../src/drivers/nomad-engine.js';
 import { DOCKER_TASK_CONFIG_SPEC, decodeHclJson, driverConfigError } from './helpers/nomad-driver-config.js';
 import { startFakeNomad } from './helpers/fake-nomad.js';
@@ -219,4 +219,24 @@ test('row 16: a purge answers before the allocations stop: their "stop" comes at
   const stop = await waitFor(() => raw.events.find((e) => e.Index > meta.index && (e.Payload.Allocation as { DesiredStatus: string }).DesiredStatus === 'stop'));
   t.true(stop.Index > after, `stop at ${stop.Index}, the deregistration answered at ${after}`);
   t.is(stop.Type, 'PlanResult');
+});
+
+// ---- row 9 -----------------------------------------------------------------------------------
+
+test('row 9: an invalid job is HTTP 500 "N errors occurred"; the client does not retry it and the engine does not call Nomad unavailable', async (t) => {
+  const nomad = await startFakeNomad(t);
+  const client = new NomadClient({ address: nomad.address, retryBaseMs: 1 });
+  const bad = { ...dockerJob('has a space', { image: 'busybox' }), Priority: 200 };
+  const err = await t.throwsAsync(client.registerJob(bad));
+  t.true(err instanceof NomadError);
+  t.is((err as NomadError).code, 'Invalid');
+  t.is((err as NomadError).status, 500);
+  t.is((err as NomadError).message, 'POST /v1/jobs: HTTP 500: Nomad refused it as invalid: 2 errors occurred: Job ID contains a space job priority must be between [1, 100]');
+  t.is(nomad.requests.filter((r) => r.method === 'POST' && r.path === '/v1/jobs').length, 1, 'not retried');
+
+  const engine = new NomadEngine({ client, datacenters: ['*'] });
+  const startErr = await t.throwsAsync(engine.start(warmSpec('bad pool', 'abc')));
+  t.true(startErr instanceof EngineError);
+  t.is((startErr as EngineError).reason, 'StartFailed');
+  t.regex(startErr!.message, /Job ID contains a space/);
 });

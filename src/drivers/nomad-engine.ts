@@ -319,6 +319,7 @@ export class NomadEngine implements Engine {
       if (err.code === 'Unavailable' || err.code === 'Timeout' || err.code === 'ServerError') {
         return new EngineError('EngineUnavailable', `Nomad: ${what}: ${err.message}`);
       }
+      if (err.code === 'Invalid') return new EngineError('StartFailed', `Nomad: ${what}: ${err.message}`);
       if (err.code === 'Forbidden') return new EngineError('EngineError', `Nomad refused ${what} (403): check the ACL token and its namespace policy: ${err.message}`);
       return new EngineError('EngineError', `Nomad: ${what}: ${err.message}`);
     }

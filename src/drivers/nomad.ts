@@ -233,6 +233,8 @@ export type NomadErrorCode =
   | 'NotFound'
   | 'Conflict'
   | 'BadRequest'
+  /** Nomad refused the request's content (an invalid job): HTTP 500 with "N error(s) occurred:". */
+  | 'Invalid'
   | 'ServerError'
   | 'Unavailable'
   | 'Timeout'
@@ -294,6 +296,18 @@ export interface EventStreamOptions {
 
 // The error message Nomad (nomad/job_endpoint.go) uses for failed check-and-set.
 const ENFORCE_INDEX_PREFIX = 'Enforcing job modify index';
+
+// hashicorp/go-multierror's ListFormatFunc: "1 error occurred:\n\t* …" / "N errors occurred:\n\t* …".
+const MULTIERROR = /^\d+ errors? occurred:\n/;
+
+/** A multierror text on one line (conditions and logs are one line). */
+function oneLine(s: string): string {
+  return s
+    .split('\n')
+    .map((l) => l.trim().replace(/^\* /, ''))
+    .filter(Boolean)
+    .join(' ');
+}
 
 const RETRYABLE_NET = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ECONNABORTED']);
 
@@ -815,6 +829,11 @@ export class NomadClient {
     const text = this.scrub(body.trim().slice(0, 500));
     const msg = `${what}: HTTP ${status}${text ? `: ${text}` : ''}`;
     if (text.includes(ENFORCE_INDEX_PREFIX)) return new NomadError('Conflict', msg, status);
+    // Validation errors are RPC errors without a code, which Nomad's HTTP layer answers with 500
+    // (command/agent/http.go); their text is a go-multierror list. Retrying cannot help.
+    if (status === 500 && MULTIERROR.test(text)) {
+      return new NomadError('Invalid', `${what}: HTTP 500: Nomad refused it as invalid: ${oneLine(text)}`, status);
+    }
     if (status === 403) return new NomadError('Forbidden', msg, status);
     if (status === 404) return new NomadError('NotFound', msg, status);
     if (status === 409) return new NomadError('Conflict', msg, status);
@@ -857,6 +876,7 @@ export class NomadClient {
       }
       const err = this.httpError(what, res.status, res.body);
       if (res.status >= 500 && err.code === 'ServerError') {
+        // Conflict and Invalid are answers, not failures: only these are retried.
         lastErr = err;
         continue;
       }

@@ -33,7 +33,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 
 import { query, type DockerClient } from '../../src/drivers/docker.js';
 
-import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError } from './nomad-driver-config.js';
+import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError, multierror } from './nomad-driver-config.js';
 import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
 
 export interface FakeNomadOptions {
@@ -360,6 +360,34 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     return undefined;
   }
 
+  /**
+   * A subset of what Nomad 1.7.3 refuses at registration (nomad/structs/structs.go Job.Validate and
+   * TaskGroup.Validate, nomad/job_endpoint_hooks.go jobValidate), with its texts. Driver Config is
+   * not among it: only the client checks that.
+   */
+  function validateJob(job: NomadJob): string[] {
+    const errs: string[] = [];
+    if (job.ID.includes(' ')) errs.push('Job ID contains a space');
+    const type = job.Type ?? 'service';
+    if (!['service', 'batch', 'system', 'sysbatch'].includes(type)) errs.push(`Invalid job type: ${JSON.stringify(type)}`);
+    if ((job.Datacenters ?? []).some((d) => d === '')) errs.push('Job datacenter must be non-empty string');
+    const groups = Array.isArray(job.TaskGroups) ? job.TaskGroups : [];
+    if (groups.length === 0) errs.push('Missing job task groups');
+    const seen = new Map<string, number>();
+    groups.forEach((tg, i) => {
+      if (!tg.Name) errs.push(`Job task group ${i + 1} missing name`);
+      else if (seen.has(tg.Name)) errs.push(`Job task group ${i + 1} redefines '${tg.Name}' from group ${seen.get(tg.Name)! + 1}`);
+      else seen.set(tg.Name, i);
+      const tgErrs: string[] = [];
+      if ((tg.Count ?? 1) < 0) tgErrs.push("Task group count can't be negative");
+      if (!Array.isArray(tg.Tasks) || tg.Tasks.length === 0) tgErrs.push('Missing tasks for task group');
+      if (tgErrs.length) errs.push(`Task group ${tg.Name} validation failed: ${multierror(tgErrs)}`);
+    });
+    const priority = job.Priority ?? 50;
+    if (priority !== 0 && (priority < 1 || priority > 100)) errs.push('job priority must be between [1, 100]');
+    return errs;
+  }
+
   /** The scheduler's plan for a stopped job (desired "stop"), then the client killing its tasks. */
   function stopJobAllocsLater(jobId: string): void {
     const tm = setTimeout(() => {
@@ -669,10 +697,12 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         return send(res, 400, 'Failed to decode request body');
       }
       const job = body.Job;
-      if (!job || typeof job.ID !== 'string' || !job.ID) return send(res, 400, 'Job ID does not exist');
-      if (!Array.isArray(job.TaskGroups) || job.TaskGroups.length === 0) {
-        return send(res, 500, '1 error occurred:\n\t* Missing job task groups\n\n');
-      }
+      // command/agent/job_endpoint.go (v1.7.3).
+      if (!job || typeof job.ID !== 'string' || !job.ID) return send(res, 400, "Job ID hasn't been provided");
+      // An invalid job is an RPC error without a code, so HTTP 500 (command/agent/http.go) with
+      // the multierror's text.
+      const invalid = validateJob(job);
+      if (invalid.length) return send(res, 500, multierror(invalid));
       const existing = jobs.get(job.ID);
       if (body.EnforceIndex) {
         // Real Nomad (nomad/job_endpoint.go, Job.Register) answers a failed
