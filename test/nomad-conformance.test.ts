@@ -240,3 +240,37 @@ test('row 9: an invalid job is HTTP 500 "N errors occurred"; the client does not
   t.is((startErr as EngineError).reason, 'StartFailed');
   t.regex(startErr!.message, /Job ID contains a space/);
 });
+
+// ---- row 8 -----------------------------------------------------------------------------------
+
+test('row 8: the event stream refuses a token without read-job with HTTP 500 "Permission denied": Forbidden, reported once, not reconnected', async (t) => {
+  const nomad = await startFakeNomad(t, { tokens: { 'limited-token-1': ['list-jobs', 'submit-job'] } });
+  const client = new NomadClient({ address: nomad.address, token: 'limited-token-1', retryBaseMs: 1 });
+  const errors: Error[] = [];
+  const s = client.eventStream(['Job'], () => undefined, { onError: (e) => errors.push(e) });
+  t.teardown(() => s.stop());
+  const err = await waitFor(() => errors[0]);
+  t.true(err instanceof NomadError);
+  t.is((err as NomadError).code, 'Forbidden');
+  t.is((err as NomadError).status, 500);
+  // A reconnect would come within milliseconds (retryBaseMs 1): a few round trips later there is none.
+  for (let i = 0; i < 5; i++) await client.listJobs();
+  t.is(nomad.requests.filter((r) => r.path === '/v1/event/stream').length, 1);
+  t.is(errors.length, 1);
+  // Without a token it is 403, as everywhere.
+  const anonymous = new NomadClient({ address: nomad.address });
+  const errs2: Error[] = [];
+  const s2 = anonymous.eventStream(['Job'], () => undefined, { onError: (e) => errs2.push(e) });
+  t.teardown(() => s2.stop());
+  t.is(((await waitFor(() => errs2[0])) as NomadError).status, 403);
+
+  // The engine names the capability and does not call it EngineUnavailable.
+  const engine = new NomadEngine({ client, datacenters: ['*'] });
+  t.teardown(() => engine.close());
+  const engineErrs: Error[] = [];
+  engine.watch(OWNER, () => undefined, (e) => engineErrs.push(e));
+  const e = await waitFor(() => engineErrs[0]);
+  t.true(e instanceof EngineError);
+  t.is((e as EngineError).reason, 'EngineError');
+  t.regex(e.message, /permission denied.*read-job/);
+});

@@ -293,6 +293,15 @@ interface CachedJob {
   allocs: Map<string, AllocView>;
 }
 
+/** The namespace capability an engine call needs, for the message of a refusal. */
+function capabilityOf(what: string): string {
+  if (what.startsWith('restarting')) return 'recycle needs alloc-lifecycle';
+  if (what.startsWith('registering') || what.startsWith('deregistering')) return 'needs submit-job';
+  if (what.startsWith('listing')) return 'needs list-jobs';
+  if (/^(writing|wiping)/.test(what) || what.includes(' in job ')) return 'needs alloc-exec';
+  return 'needs read-job';
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class NomadEngine implements Engine {
@@ -320,7 +329,9 @@ export class NomadEngine implements Engine {
         return new EngineError('EngineUnavailable', `Nomad: ${what}: ${err.message}`);
       }
       if (err.code === 'Invalid') return new EngineError('StartFailed', `Nomad: ${what}: ${err.message}`);
-      if (err.code === 'Forbidden') return new EngineError('EngineError', `Nomad refused ${what} (403): check the ACL token and its namespace policy: ${err.message}`);
+      if (err.code === 'Forbidden') {
+        return new EngineError('EngineError', `Nomad refused ${what} (permission denied): check the ACL token and its namespace policy (${capabilityOf(what)}): ${err.message}`);
+      }
       return new EngineError('EngineError', `Nomad: ${what}: ${err.message}`);
     }
     return new EngineError('EngineError', `Nomad: ${what}: ${err instanceof Error ? err.message : String(err)}`);

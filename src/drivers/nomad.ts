@@ -297,6 +297,9 @@ export interface EventStreamOptions {
 // The error message Nomad (nomad/job_endpoint.go) uses for failed check-and-set.
 const ENFORCE_INDEX_PREFIX = 'Enforcing job modify index';
 
+// structs.ErrPermissionDenied (nomad/structs/errors.go).
+const PERMISSION_DENIED = 'Permission denied';
+
 // hashicorp/go-multierror's ListFormatFunc: "1 error occurred:\n\t* …" / "N errors occurred:\n\t* …".
 const MULTIERROR = /^\d+ errors? occurred:\n/;
 
@@ -586,7 +589,8 @@ export class NomadClient {
    * `> index` (Nomad 1.x starts at the first buffered batch with Index >= the
    * requested one, and re-sends the newest batch if asked for a future index).
    * Without `opts.index` Nomad replays its whole event buffer first; pass e.g.
-   * `meta.index + 1` from a list call to skip history. A 4xx answer (e.g. 403) is reported to onError and ends the stream.
+   * `meta.index + 1` from a list call to skip history. A 4xx answer (e.g. 403), and the 500
+   * "Permission denied" Nomad gives a token without read-job, is reported to onError and ends the stream.
    */
   eventStream(
     topics: string[],
@@ -654,7 +658,8 @@ export class NomadClient {
           res.on('end', () => {
             const err = this.httpError('GET /v1/event/stream', res.statusCode ?? 0, body);
             const status = res.statusCode ?? 0;
-            if (status >= 400 && status < 500 && status !== 429) {
+            // A refusal is final (reconnecting cannot grant a capability); other 5xx are retried.
+            if ((status >= 400 && status < 500 && status !== 429) || err.code === 'Forbidden' || err.code === 'Invalid') {
               finished = true;
               if (idle) clearTimeout(idle);
               report(err);
@@ -835,6 +840,9 @@ export class NomadClient {
       return new NomadError('Invalid', `${what}: HTTP 500: Nomad refused it as invalid: ${oneLine(text)}`, status);
     }
     if (status === 403) return new NomadError('Forbidden', msg, status);
+    // A valid token without the capability on the event stream: nomad/event_endpoint.go (v1.7.3)
+    // answers the failed ACL check with code 500 and structs.ErrPermissionDenied's text.
+    if (status === 500 && text === PERMISSION_DENIED) return new NomadError('Forbidden', msg, status);
     if (status === 404) return new NomadError('NotFound', msg, status);
     if (status === 409) return new NomadError('Conflict', msg, status);
     if (status >= 400 && status < 500) return new NomadError('BadRequest', msg, status);

@@ -36,8 +36,14 @@ import { query, type DockerClient } from '../../src/drivers/docker.js';
 import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError, multierror } from './nomad-driver-config.js';
 import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
 
+/** Namespace capabilities of Nomad ACL policies the fake checks (what each endpoint needs). */
+export type NomadCapability = 'submit-job' | 'read-job' | 'list-jobs' | 'alloc-exec' | 'alloc-lifecycle';
+
 export interface FakeNomadOptions {
+  /** A management token (every capability). With it or `tokens`, ACLs are on. */
   token?: string;
+  /** Client tokens by secret, each with the namespace capabilities of its policies. */
+  tokens?: Record<string, NomadCapability[]>;
   heartbeatMs?: number;
   failImages?: string[];
   /** Delay before allocations leave "pending" (default 20 ms). */
@@ -666,6 +672,39 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     });
   }
 
+  const aclsOn = opts.token !== undefined || opts.tokens !== undefined;
+
+  /** The capability an endpoint needs (Nomad's ACL checks in nomad/*_endpoint.go and client/*_endpoint.go). */
+  function capabilityFor(method: string, path: string): NomadCapability | undefined {
+    if (path === '/v1/jobs') return method === 'GET' ? 'list-jobs' : 'submit-job';
+    if (/^\/v1\/job\/[^/]+$/.test(path)) return method === 'DELETE' ? 'submit-job' : 'read-job';
+    if (/^\/v1\/job\/[^/]+\/allocations$/.test(path)) return 'read-job';
+    if (/^\/v1\/allocation\/[^/]+$/.test(path)) return 'read-job';
+    if (/^\/v1\/client\/allocation\/[^/]+\/restart$/.test(path)) return 'alloc-lifecycle';
+    if (/^\/v1\/client\/allocation\/[^/]+\/exec$/.test(path)) return 'alloc-exec';
+    if (path === '/v1/event/stream') return 'read-job'; // the Job and Allocation topics
+    return undefined;
+  }
+
+  /**
+   * The refusal a Nomad agent with ACLs on answers, if any. No token (anonymous, no policy) and an
+   * unknown token are 403; a known token without the capability is 403 "Permission denied",
+   * except on the event stream, where nomad/event_endpoint.go (v1.7.3) sends the failed
+   * SubscribeWithACLCheck with code 500.
+   */
+  function authorize(req: http.IncomingMessage, method: string, path: string): { status: number; text: string } | undefined {
+    if (!aclsOn) return undefined;
+    const header = req.headers['x-nomad-token'];
+    const secret = Array.isArray(header) ? header[0] : header;
+    if (secret !== undefined && secret === opts.token) return undefined;
+    if (!secret) return { status: 403, text: 'Permission denied' };
+    const caps = opts.tokens?.[secret];
+    if (!caps) return { status: 403, text: 'ACL token not found' };
+    const need = capabilityFor(method, path);
+    if (!need || caps.includes(need)) return undefined;
+    return { status: path === '/v1/event/stream' ? 500 : 403, text: 'Permission denied' };
+  }
+
   async function readBody(req: http.IncomingMessage): Promise<unknown> {
     const chunks: Buffer[] = [];
     for await (const c of req) chunks.push(c as Buffer);
@@ -679,9 +718,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     fake.requests.push({ method, path: u.pathname, url: req.url ?? '/' });
     if (fake.delayMs > 0) await new Promise((r) => setTimeout(r, fake.delayMs));
     if (res.destroyed) return;
-    if (opts.token !== undefined && req.headers['x-nomad-token'] !== opts.token) {
-      return send(res, 403, 'Permission denied');
-    }
+    const denied = authorize(req, method, u.pathname);
+    if (denied) return send(res, denied.status, denied.text);
     if (fail && fail.count > 0) {
       fail.count--;
       return send(res, fail.status, 'injected failure');
@@ -920,7 +958,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     };
     const m = u.pathname.match(/^\/v1\/client\/allocation\/([^/]+)\/exec$/);
     if (!m) return refuse(404, `Invalid method or path: GET ${u.pathname}`);
-    if (opts.token !== undefined && req.headers['x-nomad-token'] !== opts.token) return refuse(403, 'Permission denied');
+    const denied = authorize(req, 'GET', u.pathname);
+    if (denied) return refuse(denied.status, denied.text);
     const a = allocs.get(decodeURIComponent(m[1]!));
     if (!a) return refuse(404, `Unknown allocation "${m[1]}"`);
     const task = u.searchParams.get('task') ?? '';
