@@ -274,3 +274,25 @@ test('row 8: the event stream refuses a token without read-job with HTTP 500 "Pe
   t.is((e as EngineError).reason, 'EngineError');
   t.regex(e.message, /permission denied.*read-job/);
 });
+
+// ---- row 7 -----------------------------------------------------------------------------------
+
+test('row 7: alloc exec refusals come after the upgrade as close frames 1008/1011 with the reason, and map to NotFound, BadRequest, Forbidden', async (t) => {
+  const nomad = await startFakeNomad(t, { token: 'mgmt-token-1', tokens: { 'no-exec-token': ['read-job', 'list-jobs', 'submit-job'] } });
+  const client = new NomadClient({ address: nomad.address, token: 'mgmt-token-1' });
+  await client.registerJob(dockerJob('exec-failed', { image: 'busybox', labels: { not: 'a list' } }));
+  const failed = await waitFor(async () => (await client.jobAllocations('exec-failed')).items.find((a) => a.ClientStatus === 'failed'));
+
+  const unknown = await t.throwsAsync(client.execAllocation('00000000-0000-4000-8000-000000000000', ['true'], { task: 't' }));
+  t.is((unknown as NomadError).code, 'NotFound');
+  t.regex(unknown!.message, /\(1008 Unknown allocation "00000000-0000-4000-8000-000000000000"\)/);
+
+  const terminal = await t.throwsAsync(client.execAllocation(failed.ID, ['true'], { task: 't' }));
+  t.is((terminal as NomadError).code, 'BadRequest');
+  t.regex(terminal!.message, new RegExp(`\\(1008 exec not possible, client status of allocation ${failed.ID} is failed\\)`));
+
+  const noExec = new NomadClient({ address: nomad.address, token: 'no-exec-token' });
+  const forbidden = await t.throwsAsync(noExec.execAllocation(failed.ID, ['true'], { task: 't' }));
+  t.is((forbidden as NomadError).code, 'Forbidden');
+  t.regex(forbidden!.message, /\(1011 Permission denied\)/);
+});

@@ -573,10 +573,23 @@ export class NomadClient {
           finish(undefined, { exitCode: typeof code === 'number' ? code : 0, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
         }
       });
-      ws.on('close', (code: number, reason: Buffer) =>
-        finish(new NomadError('Unavailable', `${what}: connection closed before the command exited (${code}${reason.length ? ` ${this.scrub(reason.toString())}` : ''})`)),
-      );
+      ws.on('close', (code: number, reason: Buffer) => finish(this.execCloseError(what, code, this.scrub(reason.toString()))));
     });
+  }
+
+  /**
+   * Nomad upgrades the exec WebSocket before it checks anything, so refusals arrive as close
+   * frames: 1008 (policy violation) for an RPC error coded 4xx (unknown allocation, task not
+   * running, terminal allocation), 1011 for 500 and uncoded errors, among them "Permission
+   * denied" (command/agent/alloc_endpoint.go toWsCode, v1.7.3).
+   */
+  private execCloseError(what: string, code: number, reason: string): NomadError {
+    const msg = `${what}: closed before the command exited (${code}${reason ? ` ${reason}` : ''})`;
+    if (code === 1011 && (reason === PERMISSION_DENIED || reason === 'ACL token not found')) return new NomadError('Forbidden', msg);
+    if (code === 1008 && reason.startsWith('Unknown allocation')) return new NomadError('NotFound', msg);
+    if (code === 1008) return new NomadError('BadRequest', msg);
+    if (code === 1011) return new NomadError('ServerError', msg);
+    return new NomadError('Unavailable', msg);
   }
 
   // ---- event stream ---------------------------------------------------------

@@ -958,22 +958,33 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     };
     const m = u.pathname.match(/^\/v1\/client\/allocation\/([^/]+)\/exec$/);
     if (!m) return refuse(404, `Invalid method or path: GET ${u.pathname}`);
-    const denied = authorize(req, 'GET', u.pathname);
-    if (denied) return refuse(denied.status, denied.text);
-    const a = allocs.get(decodeURIComponent(m[1]!));
-    if (!a) return refuse(404, `Unknown allocation "${m[1]}"`);
-    const task = u.searchParams.get('task') ?? '';
     let command: unknown;
     try {
       command = JSON.parse(u.searchParams.get('command') ?? '');
-    } catch {
-      return refuse(400, 'command is not a JSON array');
+    } catch (e) {
+      // command/agent/alloc_endpoint.go (allocExec, v1.7.3): the only refusal before the upgrade.
+      return refuse(500, `failed to marshal command into json: ${(e as Error).message}`);
     }
-    if (!Array.isArray(command) || command.length === 0 || !command.every((c) => typeof c === 'string')) return refuse(400, 'command is not a JSON array of strings');
-    const cid = containers.get(a.ID)?.get(task);
-    if (!a.TaskStates?.[task]) return refuse(400, `task ${JSON.stringify(task)} not found in allocation`);
-    if (a.ClientStatus !== 'running' || a.TaskStates[task]!.State !== 'running' || !docker || !cid) return refuse(500, 'task is not running');
+    // Everything else is decided after the WebSocket upgrade and arrives as a close frame whose
+    // code is toWsCode(the RPC error's code): 1011 for 500 (and for errors without a code, such
+    // as structs.ErrPermissionDenied from ClientAllocations.Exec), 1008 for any other
+    // (command/agent/alloc_endpoint.go execStreamImpl; nomad/client_alloc_endpoint.go;
+    // client/alloc_endpoint.go execImpl; v1.7.3).
     wss.handleUpgrade(req, socket, head, (ws: WebSocket) => {
+      const allocId = decodeURIComponent(m[1]!);
+      const a = allocs.get(allocId);
+      const task = u.searchParams.get('task') ?? '';
+      const closeWith = (code: 1008 | 1011, reason: string): void => ws.close(code, reason.slice(0, 120));
+      if (!a) return closeWith(1008, `Unknown allocation ${JSON.stringify(allocId)}`);
+      const denied = authorize(req, 'GET', u.pathname);
+      if (denied) return closeWith(1011, denied.text);
+      if (['complete', 'failed', 'lost'].includes(a.ClientStatus)) return closeWith(1008, `exec not possible, client status of allocation ${a.ID} is ${a.ClientStatus}`);
+      if (!Array.isArray(command) || command.length === 0 || !command.every((c) => typeof c === 'string')) return closeWith(1008, 'command is not present');
+      const st = a.TaskStates?.[task];
+      if (!st) return closeWith(1008, `unknown task name ${JSON.stringify(task)}`);
+      const cid = containers.get(a.ID)?.get(task);
+      if (st.State === 'pending') return closeWith(1008, `task ${JSON.stringify(task)} not started yet.`);
+      if (st.State !== 'running' || !docker || !cid) return closeWith(1008, `task ${JSON.stringify(task)} is not running.`);
       const stdin: Buffer[] = [];
       ws.on('message', (raw) => {
         let frame: { stdin?: { data?: string; close?: boolean } };
