@@ -4,7 +4,7 @@
 
 import test from 'ava';
 import { EngineError, LABELS, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
-import { NomadClient, NomadError, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
+import { EVENT_STREAM_IDLE_TIMEOUT_MS, NOMAD_EVENT_HEARTBEAT_MS, NomadClient, NomadError, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
 import { NomadEngine, failureReason, renderNomadJob } from '../src/drivers/nomad-engine.js';
 import { DOCKER_TASK_CONFIG_SPEC, decodeHclJson, driverConfigError } from './helpers/nomad-driver-config.js';
 import { startFakeNomad } from './helpers/fake-nomad.js';
@@ -295,4 +295,19 @@ test('row 7: alloc exec refusals come after the upgrade as close frames 1008/101
   const forbidden = await t.throwsAsync(noExec.execAllocation(failed.ID, ['true'], { task: 't' }));
   t.is((forbidden as NomadError).code, 'Forbidden');
   t.regex(forbidden!.message, /\(1011 Permission denied\)/);
+});
+
+// ---- row 4 -----------------------------------------------------------------------------------
+
+test('row 4: Nomad heartbeats every 30 s and at once on connect; the client waits 2.5 heartbeats before it calls a stream dead', async (t) => {
+  t.is(NOMAD_EVENT_HEARTBEAT_MS, 30_000);
+  t.true(EVENT_STREAM_IDLE_TIMEOUT_MS >= 2 * NOMAD_EVENT_HEARTBEAT_MS, `idle timeout ${EVENT_STREAM_IDLE_TIMEOUT_MS} ms`);
+  const nomad = await startFakeNomad(t);
+  t.is(nomad.heartbeatMs, NOMAD_EVENT_HEARTBEAT_MS, 'the fake heartbeats like Nomad unless a test asks otherwise');
+  const client = new NomadClient({ address: nomad.address });
+  let heartbeats = 0;
+  const s = client.eventStream(['Job'], () => undefined, { onHeartbeat: () => heartbeats++ });
+  t.teardown(() => s.stop());
+  await waitFor(() => heartbeats > 0);
+  t.pass('the first heartbeat comes on connect, not after an interval');
 });

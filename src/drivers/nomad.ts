@@ -290,9 +290,21 @@ export interface EventStreamOptions {
   index?: number;
   onError?: (e: Error) => void;
   onHeartbeat?: () => void;
-  /** Reconnect when nothing (not even a heartbeat) arrives for this long. Default 35 s (Nomad heartbeats every 10 s). */
+  /** Reconnect when nothing (not even a heartbeat) arrives for this long. Default EVENT_STREAM_IDLE_TIMEOUT_MS. */
   idleTimeoutMs?: number;
 }
+
+/**
+ * How often Nomad writes a `{}` heartbeat on an idle event stream: nomad/event_endpoint.go passes
+ * 30*time.Second to stream.NewJsonStream (nomad/stream/ndjson.go), which also sends one at once.
+ */
+export const NOMAD_EVENT_HEARTBEAT_MS = 30_000;
+
+/**
+ * A stream silent this long is taken for dead and reconnected: two heartbeats missed and half
+ * of one more, so a loaded agent or network is not mistaken for a dead one.
+ */
+export const EVENT_STREAM_IDLE_TIMEOUT_MS = 2.5 * NOMAD_EVENT_HEARTBEAT_MS;
 
 // The error message Nomad (nomad/job_endpoint.go) uses for failed check-and-set.
 const ENFORCE_INDEX_PREFIX = 'Enforcing job modify index';
@@ -616,7 +628,7 @@ export class NomadClient {
     let attempt = 0;
     let current: http.ClientRequest | undefined;
     let backoffTimer: NodeJS.Timeout | undefined;
-    const idleMs = opts.idleTimeoutMs ?? 35_000;
+    const idleMs = opts.idleTimeoutMs ?? EVENT_STREAM_IDLE_TIMEOUT_MS;
 
     const report = (e: Error): void => {
       if (stopped) return;

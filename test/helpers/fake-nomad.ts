@@ -34,7 +34,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { query, type DockerClient } from '../../src/drivers/docker.js';
 
 import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError, multierror } from './nomad-driver-config.js';
-import type { NomadAllocation, NomadEvent, NomadJob, NomadJobStub, NomadTaskState } from '../../src/drivers/nomad.js';
+import { NOMAD_EVENT_HEARTBEAT_MS, type NomadAllocation, type NomadEvent, type NomadJob, type NomadJobStub, type NomadTaskState } from '../../src/drivers/nomad.js';
 
 /** Namespace capabilities of Nomad ACL policies the fake checks (what each endpoint needs). */
 export type NomadCapability = 'submit-job' | 'read-job' | 'list-jobs' | 'alloc-exec' | 'alloc-lifecycle';
@@ -44,6 +44,7 @@ export interface FakeNomadOptions {
   token?: string;
   /** Client tokens by secret, each with the namespace capabilities of its policies. */
   tokens?: Record<string, NomadCapability[]>;
+  /** Event stream heartbeat interval (default Nomad's, NOMAD_EVENT_HEARTBEAT_MS: 30 s). */
   heartbeatMs?: number;
   failImages?: string[];
   /** Delay before allocations leave "pending" (default 20 ms). */
@@ -72,6 +73,8 @@ export interface FakeNomad {
   delayMs: number;
   /** Current global index. */
   readonly index: number;
+  /** The event stream's heartbeat interval. */
+  readonly heartbeatMs: number;
   failNext(status: number, count?: number): void;
   dropStreams(): void;
   readonly openStreams: number;
@@ -100,7 +103,7 @@ function parseGoDuration(s: string | null): number {
 }
 
 export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions = {}): Promise<FakeNomad> {
-  const heartbeatMs = opts.heartbeatMs ?? 10_000;
+  const heartbeatMs = opts.heartbeatMs ?? NOMAD_EVENT_HEARTBEAT_MS;
   const placeMs = opts.placeMs ?? 20;
   const failImages = new Set(opts.failImages ?? []);
   const nomadVersion = opts.nomadVersion ?? '1.7.3';
@@ -913,7 +916,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       if (topics.length === 0) topics.push({ topic: '*', key: '*' });
       const from = Number(u.searchParams.get('index') ?? '0');
       res.writeHead(200, { 'Content-Type': 'application/json' });
-      res.flushHeaders();
+      // nomad/stream/ndjson.go (NewJsonStream, v1.7.3) sends a heartbeat at once, then one per interval.
+      res.write('{}\n');
       const s: Stream = {
         res,
         topics,
@@ -1019,6 +1023,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     get index() {
       return index;
     },
+    heartbeatMs,
     get openStreams() {
       return streams.size;
     },
