@@ -311,3 +311,32 @@ test('row 4: Nomad heartbeats every 30 s and at once on connect; the client wait
   await waitFor(() => heartbeats > 0);
   t.pass('the first heartbeat comes on connect, not after an interval');
 });
+
+// ---- row 10 ----------------------------------------------------------------------------------
+
+test('row 10: Nomad replaces a lost allocation despite Attempts 0; the engine calls the container dead and never follows the replacement', async (t) => {
+  const nomad = await startFakeNomad(t);
+  const client = new NomadClient({ address: nomad.address });
+  const engine = new NomadEngine({ client, datacenters: ['*'], startTimeoutMs: 20_000 });
+  t.teardown(() => engine.close());
+  const spec = warmSpec('openai', 'a1b2c3');
+  const c = await engine.start(spec);
+  const [first] = (await client.jobAllocations(c.id)).items;
+  const seen: EngineEvent[] = [];
+  engine.watch(OWNER, (e) => seen.push(e));
+  const [replacement] = await nomad.loseNode();
+  t.truthy(replacement);
+  // The replacement runs, on another node, at another port.
+  const next = await waitFor(async () => {
+    const a = await client.readAllocation(replacement!);
+    return a.ClientStatus === 'running' ? a : undefined;
+  });
+  t.is(next.PreviousAllocation, first!.ID);
+  t.not(next.NodeName, first!.NodeName);
+  await waitFor(() => seen.find((e) => e.id === c.id && e.type === 'die'));
+  const [observed] = await engine.list(OWNER);
+  t.is(observed?.state, 'dead');
+  t.deepEqual(observed?.ports, c.ports, 'the address and ports are still the first allocation\'s');
+  const err = await t.throwsAsync(engine.inject(c.id, { env: { API_KEY: 'k' } }));
+  t.regex(err!.message, /lost \(its node is down\).*the container is gone/);
+});

@@ -178,6 +178,24 @@ test.serial('a container that dies is replaced, its claim fails, and a dropped e
   t.true(fake.openStreams >= 1, 'the event stream reconnected');
 });
 
+test.serial('a node that goes down: Nomad replaces the claimed allocation elsewhere, the claim fails loudly and the pool refills (issue 14 row 10)', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'mistral', size: 1, maxSize: 3 })]);
+  await p.waitWarm('mistral', 1);
+  const claim = await p.api.claim('mistral', { userId: 'u1', env: { API_KEY: 'sk-lost-1' } });
+  t.is(claim.status, 201, JSON.stringify(claim.body));
+  await p.waitWarm('mistral', 1);
+  const victim = claim.body.container.id as string;
+  await fake.loseNode();
+  await waitFor(
+    'the claim failed and the replaced job deregistered',
+    async () => getClaim(p.daemon.store, claim.body.claimId)?.state === 'failed' && !(await jobs()).some((j) => j.ID === victim),
+    60_000, // hang guard: the lost and replacement events, a reconcile, a deregistration
+  );
+  t.regex(getClaim(p.daemon.store, claim.body.claimId)!.reason ?? '', /dead/);
+  await p.waitWarm('mistral', 1);
+});
+
 test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {
   const { dockerd } = t.context;
   const { p, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'broken', image: 'polydev-test/missing:1', size: 1, maxSize: 1 })]);

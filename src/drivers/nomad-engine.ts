@@ -151,6 +151,10 @@ interface AllocView {
   address?: string;
   ports?: Record<string, number>;
   nodeName: string;
+  /** Set when Nomad placed a replacement of this allocation (NextAllocation). */
+  next?: string;
+  /** Set when this allocation replaces another (PreviousAllocation; full allocations only). */
+  previous?: string;
 }
 
 export function allocView(a: NomadAllocStub | NomadAllocation): AllocView {
@@ -166,6 +170,8 @@ export function allocView(a: NomadAllocStub | NomadAllocation): AllocView {
     events: task?.Events ?? [],
     nodeName: a.NodeName,
   };
+  if (typeof a.NextAllocation === 'string' && a.NextAllocation) view.next = a.NextAllocation;
+  if (typeof a.PreviousAllocation === 'string' && a.PreviousAllocation) view.previous = a.PreviousAllocation;
   const net = networkOf(a as NomadAllocation);
   if (net) {
     view.address = net.address;
@@ -222,15 +228,23 @@ function exitCodeOf(events: NomadTaskEvent[]): number | undefined {
   return undefined;
 }
 
-/** The allocation that is the container: the newest one Nomad still wants running, else the newest. */
-function currentAlloc(allocs: Iterable<AllocView>): AllocView | undefined {
-  let best: AllocView | undefined;
-  for (const a of allocs) {
-    if (!best) best = a;
-    else if ((a.desired === 'run') !== (best.desired === 'run')) best = a.desired === 'run' ? a : best;
-    else if (a.createIndex > best.createIndex) best = a;
-  }
-  return best;
+/**
+ * The allocation that is the container: the job's first. Nomad replaces a lost allocation (its
+ * node went down or was drained) whatever the ReschedulePolicy (scheduler/reconcile.go, Nomad
+ * 1.7.3); the replacement is a new container on another node, at another address, without the
+ * credentials injected into the first, so it is never taken for the container.
+ */
+function containerAlloc(allocs: Iterable<AllocView>): AllocView | undefined {
+  let first: AllocView | undefined;
+  for (const a of allocs) if (!first || a.createIndex < first.createIndex) first = a;
+  return first;
+}
+
+/** Whether Nomad has replaced the container's allocation with one of its own making. */
+function replaced(first: AllocView, allocs: Iterable<AllocView>): boolean {
+  if (first.client === 'lost' || first.next || first.previous) return true;
+  for (const a of allocs) if (a.id !== first.id) return true;
+  return false;
 }
 
 /**
@@ -249,7 +263,8 @@ export function observeNomadJob(
   const slot = meta[LABELS.slot];
   if (!pool || !slot) return undefined;
   const createdAt = job.SubmitTime ? Math.floor(job.SubmitTime / NS_PER_MS) : now;
-  const a = currentAlloc(allocs);
+  const all = [...allocs];
+  const a = containerAlloc(all);
   const base = {
     id: job.ID,
     name: job.Name ?? job.ID,
@@ -268,7 +283,9 @@ export function observeNomadJob(
     else c.health = late ? 'unhealthy' : 'starting';
     return c;
   }
-  if (a.desired !== 'run') {
+  if (replaced(a, all)) {
+    c.state = 'dead';
+  } else if (a.desired !== 'run') {
     c.state = 'exited';
   } else if (a.client === 'running' && (a.taskState === undefined || a.taskState === 'running')) {
     // running
@@ -437,7 +454,7 @@ export class NomadEngine implements Engine {
         throw this.fail(err, `waiting for the allocation of job ${job.ID}`);
       }
       const views = items.map(allocView);
-      const a = currentAlloc(views);
+      const a = containerAlloc(views);
       if (a && a.desired === 'run' && a.client === 'running' && a.taskState !== 'pending') {
         const full = allocView(await this.readAllocation(a.id));
         const allocs = new Map(views.map((v) => [v.id, v]));
@@ -491,13 +508,18 @@ export class NomadEngine implements Engine {
   /** The running allocation behind a container (the job id), from the cache or Nomad. */
   private async runningAlloc(jobId: string, what: string): Promise<string> {
     const cached = this.cache.get(jobId);
-    let a = cached ? currentAlloc(cached.allocs.values()) : undefined;
-    if (!a || a.client !== 'running' || a.desired !== 'run') {
+    let views = cached ? [...cached.allocs.values()] : [];
+    let a = containerAlloc(views);
+    if (!a || a.client !== 'running' || a.desired !== 'run' || replaced(a, views)) {
       try {
-        a = currentAlloc((await this.client.jobAllocations(jobId)).items.map(allocView));
+        views = (await this.client.jobAllocations(jobId)).items.map(allocView);
+        a = containerAlloc(views);
       } catch (err) {
         throw this.fail(err, `${what}: reading the allocations of job ${jobId}`);
       }
+    }
+    if (a && replaced(a, views)) {
+      throw new EngineError('StartFailed', `${what}: the allocation of job ${jobId} was ${a.client === 'lost' ? 'lost (its node is down)' : 'replaced'} and Nomad placed another: the container is gone`);
     }
     if (!a || a.client !== 'running' || a.desired !== 'run') {
       throw new EngineError('StartFailed', `${what}: job ${jobId} has no running allocation`);
@@ -620,7 +642,9 @@ export class NomadEngine implements Engine {
       const pool = entry?.stub.Meta?.[LABELS.pool] ?? poolOfJobId(a.JobID, prefix);
       if (!pool) return undefined;
       const at = typeof a.ModifyTime === 'number' ? Math.floor(a.ModifyTime / NS_PER_MS) : undefined;
-      const type = v.desired !== 'run' || ['failed', 'complete', 'lost'].includes(v.client) ? 'die' : v.client === 'running' ? 'start' : undefined;
+      const first = entry ? containerAlloc(entry.allocs.values()) : undefined;
+      const replacement = !!v.previous || (first !== undefined && first.id !== v.id);
+      const type = replacement || v.desired !== 'run' || ['failed', 'complete', 'lost'].includes(v.client) ? 'die' : v.client === 'running' ? 'start' : undefined;
       if (!type) return undefined;
       return { id: a.JobID, pool, type, ...(at !== undefined ? { at } : {}) };
     }

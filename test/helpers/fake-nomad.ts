@@ -78,6 +78,12 @@ export interface FakeNomad {
   failNext(status: number, count?: number): void;
   dropStreams(): void;
   readonly openStreams: number;
+  /**
+   * The node goes down: its allocations turn "lost" and Nomad places a replacement of each on
+   * another node, whatever the job's ReschedulePolicy (scheduler/reconcile.go, v1.7.3). Resolves
+   * with the replacements' ids once placed.
+   */
+  loseNode(): Promise<string[]>;
   /** Docker container id of a running allocation's task (docker mode). */
   containerOf(allocId: string, task?: string): string | undefined;
   close(): Promise<void>;
@@ -89,8 +95,7 @@ interface Stream {
   heartbeat: NodeJS.Timeout;
 }
 
-const NODE_ID = 'f0c1d1e2-0000-4000-8000-000000000001';
-const NODE_NAME = 'fake-node-1';
+const nodeOf = (n: number): { id: string; name: string } => ({ id: `f0c1d1e2-0000-4000-8000-${String(n).padStart(12, '0')}`, name: `fake-node-${n}` });
 
 function parseGoDuration(s: string | null): number {
   if (!s) return 5 * 60_000; // Nomad's default wait is 5 minutes
@@ -107,6 +112,9 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   const placeMs = opts.placeMs ?? 20;
   const failImages = new Set(opts.failImages ?? []);
   const nomadVersion = opts.nomadVersion ?? '1.7.3';
+  /** The node allocations are placed on; loseNode() moves on to a fresh one. */
+  let nodeNumber = 1;
+  let node = nodeOf(nodeNumber);
   const allowCaps = opts.dockerAllowCaps ?? DOCKER_DEFAULT_ALLOW_CAPS;
   const imageId = (image: string): string => `sha256:${createHash('sha256').update(image).digest('hex')}`;
 
@@ -240,14 +248,15 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     for (const t of tg?.Tasks ?? []) for (const d of t.Resources?.Devices ?? []) devicesFree.set(d.Name, (devicesFree.get(d.Name) ?? 0) + (d.Count ?? 1));
   }
 
-  function place(job: NomadJob, idx: number): NomadAllocation[] {
+  function place(job: NomadJob, idx: number, only?: { group: string; previous: NomadAllocation }): NomadAllocation[] {
     const out: NomadAllocation[] = [];
     // A parameterized or periodic job is a template: Nomad places allocations only for the jobs
     // dispatched or launched from it.
     if (job.ParameterizedJob || job.Periodic) return out;
     const nowNs = Date.now() * 1e6;
     for (const tg of job.TaskGroups ?? []) {
-      for (let i = 0; i < (tg.Count ?? 1); i++) {
+      if (only && tg.Name !== only.group) continue;
+      for (let i = 0; i < (only ? 1 : tg.Count ?? 1); i++) {
         if (!takeDevices(tg)) break; // a blocked evaluation: no allocation
 
         const ports: Array<{ Label: string; Value: number; To: number; HostIP: string }> = [];
@@ -290,8 +299,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
           EvalID: randomUUID(),
           Name: `${job.ID}.${tg.Name}[${i}]`,
           Namespace: job.Namespace ?? 'default',
-          NodeID: NODE_ID,
-          NodeName: NODE_NAME,
+          NodeID: node.id,
+          NodeName: node.name,
           JobID: job.ID,
           JobType: job.Type ?? 'service',
           JobVersion: job.Version ?? 0,
@@ -313,6 +322,10 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
             Networks: nets,
           },
         };
+        if (only) {
+          a.PreviousAllocation = only.previous.ID;
+          only.previous.NextAllocation = a.ID;
+        }
         allocs.set(a.ID, a);
         out.push(a);
       }
@@ -1029,6 +1042,40 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     },
     failNext(status: number, count = 1) {
       fail = { status, count };
+    },
+    async loseNode() {
+      const down = node;
+      node = nodeOf(++nodeNumber);
+      const lost: NomadAllocation[] = [];
+      let placed: NomadAllocation[] = [];
+      write(['allocs', 'jobs'], (i) => {
+        const evs: NomadEvent[] = [];
+        const nowNs = Date.now() * 1e6;
+        for (const a of allocs.values()) {
+          if (a.NodeID !== down.id || a.DesiredStatus !== 'run' || !['pending', 'running'].includes(a.ClientStatus)) continue;
+          // markStop(lost, AllocClientStatusLost, allocLost): scheduler/reconcile.go, generic_sched.go.
+          a.DesiredStatus = 'stop';
+          a.DesiredDescription = 'alloc is lost since its node is down';
+          a.ClientStatus = 'lost';
+          a.ModifyIndex = i;
+          a.ModifyTime = nowNs;
+          lost.push(a);
+          evs.push(allocEvent('PlanResult', a, i));
+        }
+        for (const old of lost) {
+          const job = jobs.get(old.JobID);
+          if (!job || job.Stop) continue;
+          const more = place(job, i, { group: old.TaskGroup, previous: old });
+          placed = placed.concat(more);
+          for (const a of more) evs.push(allocEvent('PlanResult', a, i));
+        }
+        return evs;
+      });
+      for (const a of lost) await stopContainers(a);
+      const byJob = new Map<string, string[]>();
+      for (const a of placed) byJob.set(a.JobID, [...(byJob.get(a.JobID) ?? []), a.ID]);
+      for (const [jobId, ids] of byJob) startLater(jobId, ids);
+      return placed.map((a) => a.ID);
     },
     containerOf(allocId: string, task?: string) {
       const per = containers.get(allocId);
