@@ -4,10 +4,10 @@
 
 import test from 'ava';
 import { EngineError, LABELS, type ContainerSpec, type EngineEvent } from '../src/controllers/warmpool/engine.js';
-import { EVENT_STREAM_IDLE_TIMEOUT_MS, NOMAD_EVENT_HEARTBEAT_MS, NomadClient, NomadError, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
+import { EVENT_STREAM_IDLE_TIMEOUT_MS, MAX_BLOCKING_WAIT_MS, NOMAD_EVENT_HEARTBEAT_MS, NomadClient, NomadError, type NomadEvent, type NomadJob } from '../src/drivers/nomad.js';
 import { NomadEngine, failureReason, renderNomadJob } from '../src/drivers/nomad-engine.js';
 import { DOCKER_TASK_CONFIG_SPEC, decodeHclJson, driverConfigError } from './helpers/nomad-driver-config.js';
-import { startFakeNomad } from './helpers/fake-nomad.js';
+import { blockingWaitMs, startFakeNomad } from './helpers/fake-nomad.js';
 import { WARM_TEMPLATE_SPEC } from './helpers/nomad-templates.js';
 
 /** Polls fn until it gives a value; the deadline is a hang guard only. */
@@ -339,4 +339,15 @@ test('row 10: Nomad replaces a lost allocation despite Attempts 0; the engine ca
   t.deepEqual(observed?.ports, c.ports, 'the address and ports are still the first allocation\'s');
   const err = await t.throwsAsync(engine.inject(c.id, { env: { API_KEY: 'k' } }));
   t.regex(err!.message, /lost \(its node is down\).*the container is gone/);
+});
+
+// ---- row 13 ----------------------------------------------------------------------------------
+
+test('row 13: a blocking query holds at most 300 s (also the default), plus a jitter of up to wait/16', (t) => {
+  t.is(blockingWaitMs('20m', () => 0), 300_000);
+  t.is(blockingWaitMs(null, () => 0), 300_000);
+  t.is(blockingWaitMs('16s', () => 0), 16_000);
+  t.is(blockingWaitMs('16s', () => 0.999_999), 16_999);
+  t.is(blockingWaitMs('10m', () => 0.999_999), 300_000 + 18_749);
+  t.is(MAX_BLOCKING_WAIT_MS, 300_000);
 });

@@ -309,6 +309,9 @@ export const EVENT_STREAM_IDLE_TIMEOUT_MS = 2.5 * NOMAD_EVENT_HEARTBEAT_MS;
 // The error message Nomad (nomad/job_endpoint.go) uses for failed check-and-set.
 const ENFORCE_INDEX_PREFIX = 'Enforcing job modify index';
 
+/** Nomad holds a blocking query at most this long (MaxBlockingRPCQueryTime, nomad/structs/structs.go). */
+export const MAX_BLOCKING_WAIT_MS = 300_000;
+
 // structs.ErrPermissionDenied (nomad/structs/errors.go).
 const PERMISSION_DENIED = 'Permission denied';
 
@@ -811,7 +814,7 @@ export class NomadClient {
     const query = [...(spec.query ?? [])];
     const b = spec.blocking;
     if (b?.index !== undefined) query.push(['index', String(b.index)]);
-    if (b?.waitMs !== undefined) query.push(['wait', goDuration(b.waitMs)]);
+    if (b?.waitMs !== undefined) query.push(['wait', goDuration(Math.min(b.waitMs, MAX_BLOCKING_WAIT_MS))]);
     const body = spec.body === undefined ? undefined : JSON.stringify(spec.body);
     const what = `${spec.method} ${spec.path}`;
     return new Promise<RawResponse>((resolve, reject) => {
@@ -876,7 +879,7 @@ export class NomadClient {
 
   private async call<T>(spec: RequestSpec): Promise<{ data: T; meta: QueryMeta; headers: http.IncomingHttpHeaders }> {
     const what = `${spec.method} ${spec.path}`;
-    const wait = spec.blocking?.waitMs ?? 0;
+    const wait = Math.min(spec.blocking?.waitMs ?? 0, MAX_BLOCKING_WAIT_MS);
     // Nomad adds up to wait/16 of jitter to a blocking query.
     const timeoutMs = this.timeoutMs + (wait > 0 ? wait + wait / 16 : 0);
     let lastErr: NomadError | undefined;

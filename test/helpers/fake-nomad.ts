@@ -97,14 +97,22 @@ interface Stream {
 
 const nodeOf = (n: number): { id: string; name: string } => ({ id: `f0c1d1e2-0000-4000-8000-${String(n).padStart(12, '0')}`, name: `fake-node-${n}` });
 
-function parseGoDuration(s: string | null): number {
-  if (!s) return 5 * 60_000; // Nomad's default wait is 5 minutes
-  const re = /(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/g;
-  const unit: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+/**
+ * How long a blocking query may hold (ms): ?wait, default and at most 300 s
+ * (DefaultBlockingRPCQueryTime, MaxBlockingRPCQueryTime in nomad/structs/structs.go, v1.7.3), plus
+ * RandomStagger(wait / JitterFraction 16) as nomad/rpc.go blockingRPC adds.
+ */
+export function blockingWaitMs(wait: string | null, random: () => number = Math.random): number {
+  const MAX = 300_000;
   let total = 0;
-  let m: RegExpExecArray | null;
-  while ((m = re.exec(s))) total += Number(m[1]) * unit[m[2]!]!;
-  return Math.min(total, 10 * 60_000); // Nomad caps wait at 10 minutes
+  if (wait) {
+    const re = /(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/g;
+    const unit: Record<string, number> = { ns: 1e-6, us: 1e-3, µs: 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+    let m: RegExpExecArray | null;
+    while ((m = re.exec(wait))) total += Number(m[1]) * unit[m[2]!]!;
+  }
+  const base = total > 0 ? Math.min(total, MAX) : MAX;
+  return base + Math.floor(random() * (base / 16));
 }
 
 export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions = {}): Promise<FakeNomad> {
@@ -671,7 +679,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   async function block(u: URL, table: 'jobs' | 'allocs', res: http.ServerResponse): Promise<void> {
     const min = Number(u.searchParams.get('index') ?? '0');
     if (!(min > 0) || tableIndex[table] > min) return;
-    const waitMs = parseGoDuration(u.searchParams.get('wait'));
+    const waitMs = blockingWaitMs(u.searchParams.get('wait'));
     await new Promise<void>((resolve) => {
       const done = (): void => {
         clearTimeout(tm);
