@@ -196,6 +196,27 @@ test.serial('a node that goes down: Nomad replaces the claimed allocation elsewh
   await p.waitWarm('mistral', 1);
 });
 
+test.serial('an allocation restart gives the task a new container: what the old one wrote outside its mounts is gone (issue 14 row 12)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { docker: dockerd.client });
+  const client = new NomadClient({ address: fake.address });
+  await client.registerJob({
+    ID: 'restarted',
+    Datacenters: ['*'],
+    TaskGroups: [{ Name: 'g', Count: 1, Tasks: [{ Name: 't', Driver: 'docker', Config: { image: dockerd.image, entrypoint: ['sleep', '3600'] }, Resources: { CPU: 100, MemoryMB: 64 } }] }],
+  });
+  const alloc = await waitFor('running', async () => (await client.jobAllocations('restarted')).items.find((a) => a.ClientStatus === 'running'), 60_000);
+  const before = fake.containerOf(alloc.ID);
+  t.is((await client.execAllocation(alloc.ID, ['sh', '-c', 'echo kept > /marker'], { task: 't' })).exitCode, 0);
+  t.is((await client.execAllocation(alloc.ID, ['cat', '/marker'], { task: 't' })).exitCode, 0);
+  await client.restartAllocation(alloc.ID, 't');
+  const after = await client.readAllocation(alloc.ID);
+  t.is(after.TaskStates?.t?.Restarts, 1);
+  t.not(fake.containerOf(alloc.ID), before, 'a new container');
+  const r = await client.execAllocation(alloc.ID, ['cat', '/marker'], { task: 't' });
+  t.not(r.exitCode, 0, 'the writable layer did not survive');
+});
+
 test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {
   const { dockerd } = t.context;
   const { p, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'broken', image: 'polydev-test/missing:1', size: 1, maxSize: 1 })]);

@@ -904,10 +904,20 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
         for (const n of names) {
           const cid = per.get(n);
           if (!cid) continue;
+          // A restart kills the task and runs the driver again (client/allocrunner/taskrunner/
+          // task_runner.go Restart → killTask, then runDriver, v1.7.3); the docker driver destroys
+          // the old container and creates a new one from the image: the writable layer is gone.
           restarting.add(cid);
           try {
-            const r = await docker.request('POST', `/containers/${cid}/restart${query({ t: 0 })}`);
-            if (r.status !== 204) return send(res, 500, `failed to restart task ${n}: ${r.text.trim()}`);
+            await docker.request('DELETE', `/containers/${cid}${query({ force: 1, v: 1 })}`);
+            const task = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup)?.Tasks.find((tk) => tk.Name === n);
+            if (!task) return send(res, 500, `Unknown task: ${n}`);
+            try {
+              per.set(n, await runTask(a, task));
+            } catch (err) {
+              per.delete(n);
+              return send(res, 500, `failed to restart task ${n}: ${(err as Error).message}`);
+            }
           } finally {
             restarting.delete(cid);
           }
