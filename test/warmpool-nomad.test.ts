@@ -217,6 +217,33 @@ test.serial('an allocation restart gives the task a new container: what the old 
   t.not(r.exitCode, 0, 'the writable layer did not survive');
 });
 
+test.serial('with To set the task sees NOMAD_PORT_<label> = To and listens there; the host port forwards to it (issue 14 row 15)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { docker: dockerd.client });
+  const client = new NomadClient({ address: fake.address });
+  await client.registerJob({
+    ID: 'ported',
+    Datacenters: ['*'],
+    TaskGroups: [
+      {
+        Name: 'g',
+        Count: 1,
+        Networks: [{ DynamicPorts: [{ Label: 'http', To: 8080 }] }],
+        Tasks: [{ Name: 't', Driver: 'docker', Config: { image: dockerd.image, entrypoint: ['sh', '-c', 'exec httpd -f -p "$NOMAD_PORT_http" -h /'], ports: ['http'] }, Resources: { CPU: 100, MemoryMB: 64 } }],
+      },
+    ],
+  });
+  const stub = await waitFor('running', async () => (await client.jobAllocations('ported')).items.find((a) => a.ClientStatus === 'running'), 60_000);
+  const alloc = await client.readAllocation(stub.ID);
+  const port = alloc.AllocatedResources!.Shared!.Ports!.find((p) => p.Label === 'http')!;
+  t.is(port.To, 8080);
+  t.not(port.Value, 8080);
+  const env = await client.execAllocation(alloc.ID, ['sh', '-c', 'echo "$NOMAD_PORT_http $NOMAD_HOST_PORT_http $NOMAD_ADDR_http"'], { task: 't' });
+  t.is(env.stdout.toString().trim(), `8080 ${port.Value} ${port.HostIP}:${port.Value}`);
+  const res = await httpGet(`http://${port.HostIP}:${port.Value}/`);
+  t.true(res.status === 404 || res.status === 403 || res.status === 200, `httpd answered ${res.status}`);
+});
+
 test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {
   const { dockerd } = t.context;
   const { p, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'broken', image: 'polydev-test/missing:1', size: 1, maxSize: 1 })]);

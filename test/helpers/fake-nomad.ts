@@ -24,7 +24,12 @@
 // policies (a single management token), job versions history, summaries,
 // filter expressions, gzip, the event stream's buffer eviction, TTY exec.
 
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -562,11 +567,17 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       NOMAD_GROUP_NAME: a.TaskGroup,
       NOMAD_TASK_NAME: task.Name,
     };
+    // client/taskenv/env.go addPorts (v1.7.3): NOMAD_PORT_<label> is the port the task listens
+    // on, `To` when set; the host side is NOMAD_HOST_PORT / NOMAD_ADDR.
     for (const p of a.AllocatedResources?.Shared?.Ports ?? []) {
-      env[`NOMAD_PORT_${p.Label}`] = String(p.Value);
+      const inside = String(p.To && p.To > 0 ? p.To : p.Value);
+      env[`NOMAD_PORT_${p.Label}`] = inside;
+      env[`NOMAD_ALLOC_PORT_${p.Label}`] = inside;
       env[`NOMAD_HOST_PORT_${p.Label}`] = String(p.Value);
       env[`NOMAD_IP_${p.Label}`] = p.HostIP;
+      env[`NOMAD_HOST_IP_${p.Label}`] = p.HostIP;
       env[`NOMAD_ADDR_${p.Label}`] = `${p.HostIP}:${p.Value}`;
+      env[`NOMAD_HOST_ADDR_${p.Label}`] = `${p.HostIP}:${p.Value}`;
     }
     const tmpfs: Record<string, string> = {};
     for (const m of cfg.mount ?? []) {
@@ -578,8 +589,10 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       Image: image,
       Env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
       Labels: { ...Object.assign({}, ...(cfg.labels ?? [])), [FAKE_NOMAD_LABEL]: fakeId, 'polydev.test/fake-nomad-alloc': a.ID },
-      // Host networking: the task listens on NOMAD_PORT_<label>, reachable at 127.0.0.1 like a Nomad node's address.
-      HostConfig: { NetworkMode: 'host', Tmpfs: tmpfs, RestartPolicy: { Name: 'no' } },
+      // Its own network namespace (the test dockerd has no bridge): the ports in the task's
+      // `ports` are published on 127.0.0.1:<host port> by publishPorts(), like the docker
+      // driver's port bindings (host port → To).
+      HostConfig: { NetworkMode: 'none', Tmpfs: tmpfs, RestartPolicy: { Name: 'no' } },
     };
     if (cfg.entrypoint?.length) body.Entrypoint = cfg.entrypoint;
     if (cfg.args?.length) body.Cmd = cfg.args;
@@ -595,7 +608,80 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       await docker!.request('DELETE', `/containers/${id}${query({ force: 1, v: 1 })}`).catch(() => undefined);
       throw new Error(`failed to start task: ${message(started)}`);
     }
+    const published = new Set(Array.isArray((task.Config ?? {}).ports) ? ((task.Config ?? {}).ports as string[]) : []);
+    const ports = (a.AllocatedResources?.Shared?.Ports ?? []).filter((p) => published.has(p.Label));
+    if (ports.length) {
+      try {
+        await publishPorts(id, ports);
+      } catch (err) {
+        await docker!.request('DELETE', `/containers/${id}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+        throw new Error(`failed to start task: ${(err as Error).message}`);
+      }
+    }
     return id;
+  }
+
+  // ---- port publishing (docker mode) -----------------------------------------------------------
+  // The test dockerd runs without a bridge, iptables or userland proxy, so the fake does what
+  // docker's userland proxy does: it listens on 127.0.0.1:<host port> and forwards each
+  // connection into the container's network namespace, to 127.0.0.1:<To>. The part inside is a
+  // node process started in that namespace with nsenter; the two talk over a unix socket (not
+  // bound to a network namespace).
+
+  const FORWARDER = [
+    "const net = require('node:net');",
+    'const [sock, port] = process.argv.slice(1);',
+    'net.createServer((c) => {',
+    "  const u = net.connect(Number(port), '127.0.0.1');",
+    "  c.pipe(u); u.pipe(c); c.on('error', () => u.destroy()); u.on('error', () => c.destroy());",
+    '}).listen(sock);',
+  ].join('\n');
+  const publishedBy = new Map<string, Array<{ server: net.Server; child: ChildProcess }>>();
+  let sockDir: string | undefined;
+
+  async function publishPorts(containerId: string, ports: Array<{ Label: string; Value: number; To?: number }>): Promise<void> {
+    const inspect = await docker!.request('GET', `/containers/${containerId}/json`);
+    const pid = (inspect.json as { State?: { Pid?: number } } | undefined)?.State?.Pid;
+    if (!pid) throw new Error(`container ${containerId.slice(0, 12)} has no pid`);
+    sockDir ??= fs.mkdtempSync(path.join(os.tmpdir(), 'fake-nomad-ports-'));
+    const list: Array<{ server: net.Server; child: ChildProcess }> = [];
+    publishedBy.set(containerId, list);
+    for (const p of ports) {
+      const inside = p.To && p.To > 0 ? p.To : p.Value;
+      const sock = path.join(sockDir, `${containerId.slice(0, 12)}-${p.Label}.sock`);
+      const child = spawn('nsenter', [`--net=/proc/${pid}/ns/net`, '--', process.execPath, '-e', FORWARDER, sock, String(inside)], { stdio: 'ignore' });
+      child.on('error', () => undefined);
+      const server = net.createServer((c) => {
+        // The forwarder may still be starting: its socket appears within milliseconds.
+        const connect = (tries: number): void => {
+          const u = net.connect(sock);
+          u.once('connect', () => {
+            c.pipe(u);
+            u.pipe(c);
+          });
+          u.once('error', () => {
+            if (tries > 0 && !c.destroyed) setTimeout(() => connect(tries - 1), 50);
+            else c.destroy();
+          });
+          c.once('close', () => u.destroy());
+        };
+        c.on('error', () => undefined);
+        connect(100);
+      });
+      list.push({ server, child });
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', (e) => reject(new Error(`Failed to bind port ${p.Value} for ${p.Label}: ${e.message}`)));
+        server.listen(p.Value, '127.0.0.1', () => resolve());
+      });
+    }
+  }
+
+  function unpublish(containerId: string): void {
+    for (const { server, child } of publishedBy.get(containerId) ?? []) {
+      server.close();
+      child.kill();
+    }
+    publishedBy.delete(containerId);
   }
 
   async function stopContainers(a: NomadAllocation): Promise<void> {
@@ -603,7 +689,10 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     const per = containers.get(a.ID);
     containers.delete(a.ID);
     if (!docker || !per) return;
-    for (const cid of per.values()) await docker.request('DELETE', `/containers/${cid}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+    for (const cid of per.values()) {
+      unpublish(cid);
+      await docker.request('DELETE', `/containers/${cid}${query({ force: 1, v: 1 })}`).catch(() => undefined);
+    }
   }
 
   const restarting = new Set<string>();
@@ -909,6 +998,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
           // the old container and creates a new one from the image: the writable layer is gone.
           restarting.add(cid);
           try {
+            unpublish(cid);
             await docker.request('DELETE', `/containers/${cid}${query({ force: 1, v: 1 })}`);
             const task = a.Job?.TaskGroups.find((g) => g.Name === a.TaskGroup)?.Tasks.find((tk) => tk.Name === n);
             if (!task) return send(res, 500, `Unknown task: ${n}`);
@@ -1120,6 +1210,8 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await Promise.allSettled([...pending]);
+      for (const cid of [...publishedBy.keys()]) unpublish(cid);
+      if (sockDir) fs.rmSync(sockDir, { recursive: true, force: true });
       if (docker) {
         const r = await docker.request('GET', `/containers/json${query({ all: 1, filters: { label: [`${FAKE_NOMAD_LABEL}=${fakeId}`] } })}`).catch(() => undefined);
         for (const c of (Array.isArray(r?.json) ? r.json : []) as Array<{ Id: string }>) {
