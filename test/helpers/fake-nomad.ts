@@ -396,6 +396,40 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
   }
 
   /**
+   * The defaults a real agent fills in before it stores a job (api/jobs.go Canonicalize on the
+   * agent, then nomad/structs/structs.go Job.Canonicalize, v1.7.3): a job reads back with more
+   * than was sent. A subset of them, enough that "reads back as sent" cannot pass here either.
+   */
+  function canonicalize(job: NomadJob): NomadJob {
+    const NS = 1_000_000_000;
+    job.Region ??= 'global';
+    job.Priority ??= 50;
+    if (!job.Datacenters?.length) job.Datacenters = ['*'];
+    job.AllAtOnce ??= false;
+    job.ParentID ??= '';
+    const batch = job.Type === 'batch' || job.Type === 'sysbatch';
+    for (const tg of job.TaskGroups) {
+      tg.Count ??= 1;
+      tg.EphemeralDisk = { Sticky: false, Migrate: false, SizeMB: 300, ...(tg.EphemeralDisk as object | undefined) };
+      tg.RestartPolicy = {
+        // DefaultServiceJobRestartPolicy / DefaultBatchJobRestartPolicy.
+        ...(batch ? { Attempts: 3, Interval: 24 * 3600 * NS } : { Attempts: 2, Interval: 30 * 60 * NS }),
+        Delay: 15 * NS,
+        Mode: 'fail',
+        RenderTemplates: false,
+        ...(tg.RestartPolicy as object | undefined),
+      };
+      for (const task of tg.Tasks ?? []) {
+        task.LogConfig = { MaxFiles: 10, MaxFileSizeMB: 10, Disabled: false, ...(task.LogConfig as object | undefined) };
+        task.KillTimeout ??= 5 * NS;
+        task.Leader ??= false;
+        task.Resources = { CPU: 100, MemoryMB: 300, ...task.Resources };
+      }
+    }
+    return job;
+  }
+
+  /**
    * A subset of what Nomad 1.7.3 refuses at registration (nomad/structs/structs.go Job.Validate and
    * TaskGroup.Validate, nomad/job_endpoint_hooks.go jobValidate), with its texts. Driver Config is
    * not among it: only the client checks that.
@@ -876,7 +910,7 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       const replaced: NomadAllocation[] = [];
       const idx = write(['jobs', 'allocs'], (i) => {
         const evs: NomadEvent[] = [];
-        const stored: NomadJob = structuredClone(job);
+        const stored: NomadJob = canonicalize(structuredClone(job));
         stored.Namespace = u.searchParams.get('namespace') ?? job.Namespace ?? 'default';
         stored.Name = job.Name ?? job.ID;
         stored.Type = job.Type ?? 'service';
