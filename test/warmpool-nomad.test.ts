@@ -10,9 +10,10 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { runCli } from '../src/cli/main.js';
-import { LABELS } from '../src/controllers/warmpool/engine.js';
+import { EngineError, LABELS } from '../src/controllers/warmpool/engine.js';
 import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
-import { nomadJobPrefix } from '../src/drivers/nomad-engine.js';
+import { NomadEngine, nomadJobPrefix } from '../src/drivers/nomad-engine.js';
+import { WARM_TEMPLATE_SPEC } from './helpers/nomad-templates.js';
 import { getClaim, installationId } from '../src/state/pools.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
 import { startFakeNomad, type FakeNomad } from './helpers/fake-nomad.js';
@@ -242,6 +243,29 @@ test.serial('with To set the task sees NOMAD_PORT_<label> = To and listens there
   t.is(env.stdout.toString().trim(), `8080 ${port.Value} ${port.HostIP}:${port.Value}`);
   const res = await httpGet(`http://${port.HostIP}:${port.Value}/`);
   t.true(res.status === 404 || res.status === 403 || res.status === 200, `httpd answered ${res.status}`);
+});
+
+test.serial('recycle restarts the allocation, which needs alloc-lifecycle: a token without it is refused with the capability named, with it the container runs again (issue 14 row 11)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, {
+    docker: dockerd.client,
+    tokens: {
+      'no-lifecycle-token': ['submit-job', 'read-job', 'list-jobs', 'alloc-exec'],
+      'full-token': ['submit-job', 'read-job', 'list-jobs', 'alloc-exec', 'alloc-lifecycle'],
+    },
+  });
+  const spec = { ...WARM_TEMPLATE_SPEC, image: dockerd.image, command: ['sleep', '3600'], args: [] };
+  const engine = (token: string) => new NomadEngine({ client: new NomadClient({ address: fake.address, token }), datacenters: ['*'], startTimeoutMs: 60_000 });
+  const limited = engine('no-lifecycle-token');
+  t.teardown(() => limited.close());
+  const c = await limited.start(spec);
+  const err = await t.throwsAsync(limited.recycle(c, '/tmp/workspace'));
+  t.true(err instanceof EngineError);
+  t.regex(err!.message, /permission denied.*alloc-lifecycle/);
+  const full = engine('full-token');
+  t.teardown(() => full.close());
+  const again = await full.recycle(c, '/tmp/workspace');
+  t.is(again.state, 'running');
 });
 
 test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {
