@@ -6,7 +6,10 @@
 // decides exactly which container goes (it deregisters that job and no other), a claim binds
 // to the single allocation of its job, and the job carries the same ownership meta as a
 // Docker container carries labels. Restarts and reschedules are off: a dead container is
-// replaced by the daemon, never silently moved elsewhere under a user's claim.
+// replaced by the daemon, never silently moved elsewhere under a user's claim. Nomad still
+// replaces a LOST allocation (node down or drained) whatever the ReschedulePolicy; the engine
+// takes the job's first allocation for the container, so such a replacement reads as the
+// container being dead (its claim fails, the pool refills), never as the container.
 //
 // Cost: a steady-state resync is one `GET /v1/jobs?prefix=` (paged) while the event stream is
 // up: allocations are cached and kept current by the stream, and re-read only for jobs whose

@@ -1,5 +1,6 @@
 // A small typed client of HashiCorp Nomad's HTTP API (documented behaviour of
-// Nomad 1.6–1.8, https://developer.hashicorp.com/nomad/api-docs). Only the
+// Nomad 1.6–1.8, https://developer.hashicorp.com/nomad/api-docs; where the documentation is
+// silent, as Nomad v1.7.3's source answers, cited where it matters). Only the
 // endpoints the reconciler needs: job register/list/read/deregister, job
 // allocations, allocation read/restart and the event stream.
 //

@@ -1,28 +1,39 @@
-// A small in-memory fake of the Nomad HTTP API endpoints used by
-// src/drivers/nomad.ts, following the documented behaviour of Nomad 1.6–1.8
-// (https://developer.hashicorp.com/nomad/api-docs). One namespace, one node,
-// no evaluations/scheduler: a registration directly places Count allocations per
-// task group, which turn "running" (or "failed", for images in `failImages`) a
-// few ms later. A global Raft-like index increases on every write; per-table
-// indices ("jobs", "allocs") drive X-Nomad-Index and blocking queries like
-// Nomad's state store does.
+// A small in-memory fake of the Nomad HTTP API endpoints used by src/drivers/nomad.ts. It
+// answers like a Nomad 1.7.3 agent (the version the platform runs; `nomadVersion: '1.7.5'`
+// switches the one difference the engine meets, the purge Job event), read from Nomad's source
+// at that tag; every such behaviour cites its file. It must never be laxer than a real agent.
 //
-// With `docker`, the fake's "client" runs every docker-driver task as a real
-// container on the given dockerd (image, entrypoint, args, env, labels, tmpfs
-// mounts; host networking, with NOMAD_PORT_<label> / NOMAD_ADDR_<label> set as
-// Nomad sets them), so claims through the nomad engine reach a real container:
-// a container that exits fails (exit code ≠ 0) or completes its allocation,
-// deregistering removes it, an allocation restart restarts it, and the
-// allocation exec WebSocket (/v1/client/allocation/:id/exec) runs a docker exec.
-// Without `docker` allocations are only records that turn "running".
-// Tasks asking for devices (e.g. nvidia/gpu) are placed only while `devices`
-// has enough of that name; otherwise no allocation is made and the job stays
-// pending, as a blocked evaluation leaves it in Nomad.
+// What it checks like Nomad: registration validation (a subset of Job.Validate, HTTP 500 with
+// go-multierror's text) and check-and-set; nothing of the driver Config at registration, then,
+// as a client does when it starts a task, the Config decoded against the docker/qemu driver's
+// declared spec (nomad-driver-config.ts: "Failed Validation" with the decoder's words), the
+// docker plugin's allow_caps, qemu's port_map labels; ACL capabilities per endpoint (403, but
+// 500 "Permission denied" on the event stream, close frames 1008/1011 on exec after the
+// WebSocket upgrade); blocking queries of at most 300 s plus jitter; the event stream's
+// heartbeat (at once, then every 30 s), replay from an index, Allocation events without their
+// Job; purge answering before the allocations stop; DELETE of an unknown job answering 200;
+// defaults filled into stored jobs. One namespace; `loseNode()` takes the node down: its
+// allocations turn lost and replacements are placed on a new node whatever the ReschedulePolicy.
 //
-// Deliberately NOT implemented: evaluations/deployments/reschedules, multiple
-// namespaces or regions (the query parameters are accepted and ignored), ACL
-// policies (a single management token), job versions history, summaries,
-// filter expressions, gzip, the event stream's buffer eviction, TTY exec.
+// With `docker`, the fake's "client" runs every docker-driver task as a real container on the
+// given dockerd (image, entrypoint, args, env, labels, tmpfs mounts), each in its own network
+// namespace with the task's `ports` published on 127.0.0.1:<host port> → <To> (docker's
+// userland proxy, done here), and NOMAD_PORT_<label> = To as client/taskenv/env.go sets it. A
+// container that exits fails (exit code ≠ 0) or completes its allocation; a deregistration
+// removes it; an allocation restart destroys it and creates a new one (the writable layer is
+// lost, as with the docker driver); alloc exec runs a docker exec. Without `docker` allocations
+// are records that turn "running" (or fail the client's checks).
+// Tasks asking for devices (e.g. nvidia/gpu) are placed only while `devices` has enough of
+// that name; otherwise no allocation is made and the job stays pending, as a blocked
+// evaluation leaves it in Nomad.
+//
+// Deliberately NOT modelled: evaluations and deployments as objects, rolling updates,
+// reschedules of failed allocations (the engine turns them off), client disconnect handling,
+// several namespaces or regions (the query parameters are accepted and ignored), ACL policies
+// beyond a capability list per token, HCL interpolation inside driver Config strings, every
+// default a real agent fills in, job version history, summaries, filter expressions, gzip, the
+// event stream's buffer eviction, TTY exec, drivers other than docker and qemu (their Config is
+// not checked).
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
