@@ -54,11 +54,19 @@ test('row 1: the docker driver spec (drivers/docker/config.go, v1.7.3) refuses l
   ]);
 });
 
-test('row 1: the rendered warm container decodes; labels are a list of one map', (t) => {
-  const job = renderNomadJob(WARM_TEMPLATE_SPEC, { datacenters: ['*'] });
-  const config = job.TaskGroups[0]!.Tasks[0]!.Config;
-  t.deepEqual(decodeHclJson(JSON.parse(JSON.stringify(config)), DOCKER_TASK_CONFIG_SPEC), []);
-  t.true(Array.isArray(config?.labels));
+test('row 1: every rendered warm container decodes (with and without ports, command, args, devices); labels are a list of one map', (t) => {
+  const { ports: _p, command: _c, args: _a, ...bare } = WARM_TEMPLATE_SPEC;
+  const variants: ContainerSpec[] = [
+    WARM_TEMPLATE_SPEC,
+    bare,
+    { ...WARM_TEMPLATE_SPEC, resources: { cpuMHz: 2000, memoryMB: 4096, devices: [{ name: 'nvidia/gpu', count: 1 }] } },
+    { ...WARM_TEMPLATE_SPEC, ports: [{ name: 'http', containerPort: 8080 }, { name: 'debug', containerPort: 9229 }] },
+  ];
+  for (const spec of variants) {
+    const config = renderNomadJob(spec, { datacenters: ['*'] }).TaskGroups[0]!.Tasks[0]!.Config;
+    t.deepEqual(decodeHclJson(JSON.parse(JSON.stringify(config)), DOCKER_TASK_CONFIG_SPEC), []);
+    t.deepEqual(config?.labels, [{ ...WARM_TEMPLATE_SPEC.labels }]);
+  }
 });
 
 test('row 1: registration accepts a Config that does not decode, and the allocation then fails with a "Failed Validation" event', async (t) => {

@@ -29,6 +29,7 @@ import { mapSettled } from '../util/concurrency.js';
 import { RECYCLE_SCRIPT, WRITE_FILE_SCRIPT, injectedFilePath, renderEnvFile } from './docker.js';
 import {
   NomadError,
+  oneLine,
   type NomadAllocStub,
   type NomadAllocation,
   type NomadClient,
@@ -215,15 +216,6 @@ export function failureReason(events: NomadTaskEvent[], client: string): string 
     if (e.FailsTask || e.Type === 'Setup Failure' || e.Type === 'Killed') return e.DisplayMessage ?? e.Message ?? e.Type;
   }
   return `allocation is ${client}`;
-}
-
-/** Nomad's multierror texts ("2 errors occurred:\n\t* …") on one line, for conditions and claims. */
-function oneLine(s: string): string {
-  return s
-    .split('\n')
-    .map((l) => l.trim().replace(/^\* /, ''))
-    .filter(Boolean)
-    .join(' ');
 }
 
 function exitCodeOf(events: NomadTaskEvent[]): number | undefined {

@@ -319,8 +319,8 @@ const PERMISSION_DENIED = 'Permission denied';
 // hashicorp/go-multierror's ListFormatFunc: "1 error occurred:\n\t* …" / "N errors occurred:\n\t* …".
 const MULTIERROR = /^\d+ errors? occurred:\n/;
 
-/** A multierror text on one line (conditions and logs are one line). */
-function oneLine(s: string): string {
+/** A Nomad multierror text ("2 errors occurred:\n\t* …") on one line: conditions and logs are one line. */
+export function oneLine(s: string): string {
   return s
     .split('\n')
     .map((l) => l.trim().replace(/^\* /, ''))
