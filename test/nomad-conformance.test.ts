@@ -347,6 +347,13 @@ test('row 10: Nomad replaces a lost allocation despite Attempts 0; the engine ca
   t.deepEqual(observed?.ports, c.ports, 'the address and ports are still the first allocation\'s');
   const err = await t.throwsAsync(engine.inject(c.id, { env: { API_KEY: 'k' } }));
   t.regex(err!.message, /lost \(its node is down\).*the container is gone/);
+  // Once Nomad has garbage-collected the lost allocation, a daemon that starts afresh (cold
+  // cache) still knows the replacement for one: by its PreviousAllocation.
+  nomad.collectGarbage(first!.ID);
+  const fresh = new NomadEngine({ client, datacenters: ['*'] });
+  t.teardown(() => fresh.close());
+  const [again] = await fresh.list(OWNER);
+  t.is(again?.state, 'dead');
 });
 
 // ---- row 13 ----------------------------------------------------------------------------------

@@ -399,10 +399,14 @@ export class NomadEngine implements Engine {
         v.address = old.address;
         if (old.ports) v.ports = old.ports;
       }
+      // Stubs lack PreviousAllocation; a replacement whose lost predecessor Nomad already
+      // garbage-collected is known by it, from the full allocation.
+      if (old?.previous) v.previous = old.previous;
       if (!v.address && a.ClientStatus === 'running' && a.DesiredStatus === 'run') {
         const full = allocView(await this.client.readAllocation(a.ID));
         if (full.address) v.address = full.address;
         if (full.ports) v.ports = full.ports;
+        if (full.previous) v.previous = full.previous;
       }
       allocs.set(a.ID, v);
     }

@@ -50,7 +50,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { query, type DockerClient } from '../../src/drivers/docker.js';
 
 import { DOCKER_DEFAULT_ALLOW_CAPS, disallowedCaps, driverConfigError, multierror } from './nomad-driver-config.js';
-import { NOMAD_EVENT_HEARTBEAT_MS, type NomadAllocation, type NomadEvent, type NomadJob, type NomadJobStub, type NomadTaskState } from '../../src/drivers/nomad.js';
+import { NOMAD_EVENT_HEARTBEAT_MS, type NomadAllocStub, type NomadAllocation, type NomadEvent, type NomadJob, type NomadJobStub, type NomadTaskState } from '../../src/drivers/nomad.js';
 
 /** Namespace capabilities of Nomad ACL policies the fake checks (what each endpoint needs). */
 export type NomadCapability = 'submit-job' | 'read-job' | 'list-jobs' | 'alloc-exec' | 'alloc-lifecycle';
@@ -100,6 +100,8 @@ export interface FakeNomad {
    * with the replacements' ids once placed.
    */
   loseNode(): Promise<string[]>;
+  /** Nomad's garbage collector removes a terminal allocation (it is no longer listed or readable). */
+  collectGarbage(allocId: string): void;
   /** Docker container id of a running allocation's task (docker mode). */
   containerOf(allocId: string, task?: string): string | undefined;
   close(): Promise<void>;
@@ -229,9 +231,16 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
     return out;
   }
 
-  function allocStub(a: NomadAllocation): Omit<NomadAllocation, 'Job' | 'AllocatedResources' | 'Resources' | 'TaskResources'> {
-    const { Job: _j, AllocatedResources: _ar, Resources: _r, TaskResources: _tr, ...rest } = a;
-    return rest;
+  /** The fields of structs.AllocListStub (nomad/structs/structs.go, v1.7.3; AllocatedResources only with ?resources=true). */
+  const STUB_FIELDS = [
+    'ID', 'EvalID', 'Name', 'Namespace', 'NodeID', 'NodeName', 'JobID', 'JobType', 'JobVersion', 'TaskGroup', 'DesiredStatus',
+    'DesiredDescription', 'ClientStatus', 'ClientDescription', 'DesiredTransition', 'TaskStates', 'DeploymentStatus', 'FollowupEvalID',
+    'NextAllocation', 'RescheduleTracker', 'PreemptedAllocations', 'PreemptedByAllocation', 'CreateIndex', 'ModifyIndex', 'CreateTime', 'ModifyTime',
+  ];
+  function allocStub(a: NomadAllocation): NomadAllocStub {
+    const out: Record<string, unknown> = {};
+    for (const k of STUB_FIELDS) if (a[k] !== undefined) out[k] = a[k];
+    return out as NomadAllocStub;
   }
 
   function refreshJobStatus(job: NomadJob, idx: number): void {
@@ -1229,6 +1238,14 @@ export async function startFakeNomad(t: ExecutionContext, opts: FakeNomadOptions
       for (const a of placed) byJob.set(a.JobID, [...(byJob.get(a.JobID) ?? []), a.ID]);
       for (const [jobId, ids] of byJob) startLater(jobId, ids);
       return placed.map((a) => a.ID);
+    },
+    collectGarbage(allocId: string) {
+      const a = allocs.get(allocId);
+      if (!a || !['complete', 'failed', 'lost'].includes(a.ClientStatus)) throw new Error(`allocation ${allocId} is not terminal`);
+      write(['allocs'], () => {
+        allocs.delete(allocId);
+        return [];
+      });
     },
     containerOf(allocId: string, task?: string) {
       const per = containers.get(allocId);
