@@ -10,9 +10,10 @@ import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { runCli } from '../src/cli/main.js';
-import { LABELS } from '../src/controllers/warmpool/engine.js';
+import { EngineError, LABELS } from '../src/controllers/warmpool/engine.js';
 import { NomadClient, type NomadJob } from '../src/drivers/nomad.js';
-import { nomadJobPrefix } from '../src/drivers/nomad-engine.js';
+import { NomadEngine, nomadJobPrefix } from '../src/drivers/nomad-engine.js';
+import { WARM_TEMPLATE_SPEC } from './helpers/nomad-templates.js';
 import { getClaim, installationId } from '../src/state/pools.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
 import { startFakeNomad, type FakeNomad } from './helpers/fake-nomad.js';
@@ -176,6 +177,95 @@ test.serial('a container that dies is replaced, its claim fails, and a dropped e
   await p.waitWarm('google', 2);
   t.regex(getClaim(p.daemon.store, claim.body.claimId)!.reason ?? '', /dead|exited/);
   t.true(fake.openStreams >= 1, 'the event stream reconnected');
+});
+
+test.serial('a node that goes down: Nomad replaces the claimed allocation elsewhere, the claim fails loudly and the pool refills (issue 14 row 10)', async (t) => {
+  const { dockerd } = t.context;
+  const { p, fake, jobs } = await nomadEnv(t, [pool(dockerd, { name: 'mistral', size: 1, maxSize: 3 })]);
+  await p.waitWarm('mistral', 1);
+  const claim = await p.api.claim('mistral', { userId: 'u1', env: { API_KEY: 'sk-lost-1' } });
+  t.is(claim.status, 201, JSON.stringify(claim.body));
+  await p.waitWarm('mistral', 1);
+  const victim = claim.body.container.id as string;
+  await fake.loseNode();
+  await waitFor(
+    'the claim failed and the replaced job deregistered',
+    async () => getClaim(p.daemon.store, claim.body.claimId)?.state === 'failed' && !(await jobs()).some((j) => j.ID === victim),
+    60_000, // hang guard: the lost and replacement events, a reconcile, a deregistration
+  );
+  t.regex(getClaim(p.daemon.store, claim.body.claimId)!.reason ?? '', /dead/);
+  await p.waitWarm('mistral', 1);
+});
+
+test.serial('an allocation restart gives the task a new container: what the old one wrote outside its mounts is gone (issue 14 row 12)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { docker: dockerd.client });
+  const client = new NomadClient({ address: fake.address });
+  await client.registerJob({
+    ID: 'restarted',
+    Datacenters: ['*'],
+    TaskGroups: [{ Name: 'g', Count: 1, Tasks: [{ Name: 't', Driver: 'docker', Config: { image: dockerd.image, entrypoint: ['sleep', '3600'] }, Resources: { CPU: 100, MemoryMB: 64 } }] }],
+  });
+  const alloc = await waitFor('running', async () => (await client.jobAllocations('restarted')).items.find((a) => a.ClientStatus === 'running'), 60_000);
+  const before = fake.containerOf(alloc.ID);
+  t.is((await client.execAllocation(alloc.ID, ['sh', '-c', 'echo kept > /marker'], { task: 't' })).exitCode, 0);
+  t.is((await client.execAllocation(alloc.ID, ['cat', '/marker'], { task: 't' })).exitCode, 0);
+  await client.restartAllocation(alloc.ID, 't');
+  const after = await client.readAllocation(alloc.ID);
+  t.is(after.TaskStates?.t?.Restarts, 1);
+  t.not(fake.containerOf(alloc.ID), before, 'a new container');
+  const r = await client.execAllocation(alloc.ID, ['cat', '/marker'], { task: 't' });
+  t.not(r.exitCode, 0, 'the writable layer did not survive');
+});
+
+test.serial('with To set the task sees NOMAD_PORT_<label> = To and listens there; the host port forwards to it (issue 14 row 15)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, { docker: dockerd.client });
+  const client = new NomadClient({ address: fake.address });
+  await client.registerJob({
+    ID: 'ported',
+    Datacenters: ['*'],
+    TaskGroups: [
+      {
+        Name: 'g',
+        Count: 1,
+        Networks: [{ DynamicPorts: [{ Label: 'http', To: 8080 }] }],
+        Tasks: [{ Name: 't', Driver: 'docker', Config: { image: dockerd.image, entrypoint: ['sh', '-c', 'exec httpd -f -p "$NOMAD_PORT_http" -h /'], ports: ['http'] }, Resources: { CPU: 100, MemoryMB: 64 } }],
+      },
+    ],
+  });
+  const stub = await waitFor('running', async () => (await client.jobAllocations('ported')).items.find((a) => a.ClientStatus === 'running'), 60_000);
+  const alloc = await client.readAllocation(stub.ID);
+  const port = alloc.AllocatedResources!.Shared!.Ports!.find((p) => p.Label === 'http')!;
+  t.is(port.To, 8080);
+  t.not(port.Value, 8080);
+  const env = await client.execAllocation(alloc.ID, ['sh', '-c', 'echo "$NOMAD_PORT_http $NOMAD_HOST_PORT_http $NOMAD_ADDR_http"'], { task: 't' });
+  t.is(env.stdout.toString().trim(), `8080 ${port.Value} ${port.HostIP}:${port.Value}`);
+  const res = await httpGet(`http://${port.HostIP}:${port.Value}/`);
+  t.true(res.status === 404 || res.status === 403 || res.status === 200, `httpd answered ${res.status}`);
+});
+
+test.serial('recycle restarts the allocation, which needs alloc-lifecycle: a token without it is refused with the capability named, with it the container runs again (issue 14 row 11)', async (t) => {
+  const { dockerd } = t.context;
+  const fake = await startFakeNomad(t, {
+    docker: dockerd.client,
+    tokens: {
+      'no-lifecycle-token': ['submit-job', 'read-job', 'list-jobs', 'alloc-exec'],
+      'full-token': ['submit-job', 'read-job', 'list-jobs', 'alloc-exec', 'alloc-lifecycle'],
+    },
+  });
+  const spec = { ...WARM_TEMPLATE_SPEC, image: dockerd.image, command: ['sleep', '3600'], args: [] };
+  const engine = (token: string) => new NomadEngine({ client: new NomadClient({ address: fake.address, token }), datacenters: ['*'], startTimeoutMs: 60_000 });
+  const limited = engine('no-lifecycle-token');
+  t.teardown(() => limited.close());
+  const c = await limited.start(spec);
+  const err = await t.throwsAsync(limited.recycle(c, '/tmp/workspace'));
+  t.true(err instanceof EngineError);
+  t.regex(err!.message, /permission denied.*alloc-lifecycle/);
+  const full = engine('full-token');
+  t.teardown(() => full.close());
+  const again = await full.recycle(c, '/tmp/workspace');
+  t.is(again.state, 'running');
 });
 
 test.serial('an image Nomad cannot pull: AllocationFailed with Nomad\'s reason, and no job is left behind', async (t) => {

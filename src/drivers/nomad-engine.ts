@@ -6,7 +6,10 @@
 // decides exactly which container goes (it deregisters that job and no other), a claim binds
 // to the single allocation of its job, and the job carries the same ownership meta as a
 // Docker container carries labels. Restarts and reschedules are off: a dead container is
-// replaced by the daemon, never silently moved elsewhere under a user's claim.
+// replaced by the daemon, never silently moved elsewhere under a user's claim. Nomad still
+// replaces a LOST allocation (node down or drained) whatever the ReschedulePolicy; the engine
+// takes the job's first allocation for the container, so such a replacement reads as the
+// container being dead (its claim fails, the pool refills), never as the container.
 //
 // Cost: a steady-state resync is one `GET /v1/jobs?prefix=` (paged) while the event stream is
 // up: allocations are cached and kept current by the stream, and re-read only for jobs whose
@@ -26,6 +29,7 @@ import { mapSettled } from '../util/concurrency.js';
 import { RECYCLE_SCRIPT, WRITE_FILE_SCRIPT, injectedFilePath, renderEnvFile } from './docker.js';
 import {
   NomadError,
+  oneLine,
   type NomadAllocStub,
   type NomadAllocation,
   type NomadClient,
@@ -59,6 +63,17 @@ export function nomadJobPrefix(owner: string): string {
   return `polydev-${owner}-`;
 }
 
+/**
+ * The pool in a job id of this installation (`<prefix><pool>-<slot>`, slots are hex). Allocation
+ * events carry no job (nomad/state/events.go sets `Allocation.Job = nil`, Nomad 1.7.3), so for a
+ * job not in the cache the id is all there is.
+ */
+export function poolOfJobId(jobId: string, prefix: string): string | undefined {
+  if (!jobId.startsWith(prefix)) return undefined;
+  const m = /^(.+)-[0-9a-f]+$/.exec(jobId.slice(prefix.length));
+  return m?.[1];
+}
+
 function ownerOf(spec: ContainerSpec): string {
   const owner = spec.labels[LABELS.owner];
   if (!owner) throw new EngineError('StartFailed', `container ${spec.name}: no ${LABELS.owner} label`);
@@ -72,7 +87,9 @@ export function renderNomadJob(spec: ContainerSpec, opts: { datacenters: string[
   const ports = spec.ports ?? [];
   const config: Record<string, unknown> = {
     image: spec.image,
-    labels: { ...meta },
+    // The docker driver declares labels `list(map(string))` (drivers/docker/config.go, Nomad 1.7.3):
+    // an object here registers fine and then fails every allocation on the client.
+    labels: [{ ...meta }],
     // The secrets directory is a tmpfs, as on the docker engine: credentials never touch disk.
     mount: [{ type: 'tmpfs', target: SECRETS_DIR, readonly: false, tmpfs_options: { size: SECRETS_TMPFS_BYTES, mode: 0o700 } }],
   };
@@ -138,6 +155,10 @@ interface AllocView {
   address?: string;
   ports?: Record<string, number>;
   nodeName: string;
+  /** Set when Nomad placed a replacement of this allocation (NextAllocation). */
+  next?: string;
+  /** Set when this allocation replaces another (PreviousAllocation; full allocations only). */
+  previous?: string;
 }
 
 export function allocView(a: NomadAllocStub | NomadAllocation): AllocView {
@@ -153,6 +174,8 @@ export function allocView(a: NomadAllocStub | NomadAllocation): AllocView {
     events: task?.Events ?? [],
     nodeName: a.NodeName,
   };
+  if (typeof a.NextAllocation === 'string' && a.NextAllocation) view.next = a.NextAllocation;
+  if (typeof a.PreviousAllocation === 'string' && a.PreviousAllocation) view.previous = a.PreviousAllocation;
   const net = networkOf(a as NomadAllocation);
   if (net) {
     view.address = net.address;
@@ -177,11 +200,15 @@ function networkOf(a: NomadAllocation): { address: string; ports: Record<string,
   return address ? { address, ports } : undefined;
 }
 
-/** Nomad's own words for why a task failed: the driver error, else the last failing event. */
+/**
+ * Nomad's own words for why a task failed: the newest validation, setup or driver error (a
+ * Config the client could not decode, a failed pull…), else the last failing event.
+ */
 export function failureReason(events: NomadTaskEvent[], client: string): string {
   for (let i = events.length - 1; i >= 0; i--) {
     const e = events[i]!;
-    if (e.DriverError) return e.DriverError;
+    const why = e.ValidationError || e.SetupError || e.DriverError;
+    if (why) return oneLine(why);
   }
   for (let i = events.length - 1; i >= 0; i--) {
     const e = events[i]!;
@@ -196,15 +223,23 @@ function exitCodeOf(events: NomadTaskEvent[]): number | undefined {
   return undefined;
 }
 
-/** The allocation that is the container: the newest one Nomad still wants running, else the newest. */
-function currentAlloc(allocs: Iterable<AllocView>): AllocView | undefined {
-  let best: AllocView | undefined;
-  for (const a of allocs) {
-    if (!best) best = a;
-    else if ((a.desired === 'run') !== (best.desired === 'run')) best = a.desired === 'run' ? a : best;
-    else if (a.createIndex > best.createIndex) best = a;
-  }
-  return best;
+/**
+ * The allocation that is the container: the job's first. Nomad replaces a lost allocation (its
+ * node went down or was drained) whatever the ReschedulePolicy (scheduler/reconcile.go, Nomad
+ * 1.7.3); the replacement is a new container on another node, at another address, without the
+ * credentials injected into the first, so it is never taken for the container.
+ */
+function containerAlloc(allocs: Iterable<AllocView>): AllocView | undefined {
+  let first: AllocView | undefined;
+  for (const a of allocs) if (!first || a.createIndex < first.createIndex) first = a;
+  return first;
+}
+
+/** Whether Nomad has replaced the container's allocation with one of its own making. */
+function replaced(first: AllocView, allocs: Iterable<AllocView>): boolean {
+  if (first.client === 'lost' || first.next || first.previous) return true;
+  for (const a of allocs) if (a.id !== first.id) return true;
+  return false;
 }
 
 /**
@@ -223,7 +258,8 @@ export function observeNomadJob(
   const slot = meta[LABELS.slot];
   if (!pool || !slot) return undefined;
   const createdAt = job.SubmitTime ? Math.floor(job.SubmitTime / NS_PER_MS) : now;
-  const a = currentAlloc(allocs);
+  const all = [...allocs];
+  const a = containerAlloc(all);
   const base = {
     id: job.ID,
     name: job.Name ?? job.ID,
@@ -242,7 +278,9 @@ export function observeNomadJob(
     else c.health = late ? 'unhealthy' : 'starting';
     return c;
   }
-  if (a.desired !== 'run') {
+  if (replaced(a, all)) {
+    c.state = 'dead';
+  } else if (a.desired !== 'run') {
     c.state = 'exited';
   } else if (a.client === 'running' && (a.taskState === undefined || a.taskState === 'running')) {
     // running
@@ -265,6 +303,15 @@ function ownedBy(meta: Record<string, string> | null | undefined, owner: string)
 interface CachedJob {
   stub: Pick<NomadJobStub, 'ID' | 'Name' | 'Meta' | 'Stop' | 'Status' | 'SubmitTime' | 'ModifyIndex'>;
   allocs: Map<string, AllocView>;
+}
+
+/** The namespace capability an engine call needs, for the message of a refusal. */
+function capabilityOf(what: string): string {
+  if (what.startsWith('restarting')) return 'recycle needs alloc-lifecycle';
+  if (what.startsWith('registering') || what.startsWith('deregistering')) return 'needs submit-job';
+  if (what.startsWith('listing')) return 'needs list-jobs';
+  if (/^(writing|wiping)/.test(what) || what.includes(' in job ')) return 'needs alloc-exec';
+  return 'needs read-job';
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -293,7 +340,10 @@ export class NomadEngine implements Engine {
       if (err.code === 'Unavailable' || err.code === 'Timeout' || err.code === 'ServerError') {
         return new EngineError('EngineUnavailable', `Nomad: ${what}: ${err.message}`);
       }
-      if (err.code === 'Forbidden') return new EngineError('EngineError', `Nomad refused ${what} (403): check the ACL token and its namespace policy: ${err.message}`);
+      if (err.code === 'Invalid') return new EngineError('StartFailed', `Nomad: ${what}: ${err.message}`);
+      if (err.code === 'Forbidden') {
+        return new EngineError('EngineError', `Nomad refused ${what} (permission denied): check the ACL token and its namespace policy (${capabilityOf(what)}): ${err.message}`);
+      }
       return new EngineError('EngineError', `Nomad: ${what}: ${err.message}`);
     }
     return new EngineError('EngineError', `Nomad: ${what}: ${err instanceof Error ? err.message : String(err)}`);
@@ -349,10 +399,14 @@ export class NomadEngine implements Engine {
         v.address = old.address;
         if (old.ports) v.ports = old.ports;
       }
+      // Stubs lack PreviousAllocation; a replacement whose lost predecessor Nomad already
+      // garbage-collected is known by it, from the full allocation.
+      if (old?.previous) v.previous = old.previous;
       if (!v.address && a.ClientStatus === 'running' && a.DesiredStatus === 'run') {
         const full = allocView(await this.client.readAllocation(a.ID));
         if (full.address) v.address = full.address;
         if (full.ports) v.ports = full.ports;
+        if (full.previous) v.previous = full.previous;
       }
       allocs.set(a.ID, v);
     }
@@ -399,7 +453,7 @@ export class NomadEngine implements Engine {
         throw this.fail(err, `waiting for the allocation of job ${job.ID}`);
       }
       const views = items.map(allocView);
-      const a = currentAlloc(views);
+      const a = containerAlloc(views);
       if (a && a.desired === 'run' && a.client === 'running' && a.taskState !== 'pending') {
         const full = allocView(await this.readAllocation(a.id));
         const allocs = new Map(views.map((v) => [v.id, v]));
@@ -453,13 +507,18 @@ export class NomadEngine implements Engine {
   /** The running allocation behind a container (the job id), from the cache or Nomad. */
   private async runningAlloc(jobId: string, what: string): Promise<string> {
     const cached = this.cache.get(jobId);
-    let a = cached ? currentAlloc(cached.allocs.values()) : undefined;
-    if (!a || a.client !== 'running' || a.desired !== 'run') {
+    let views = cached ? [...cached.allocs.values()] : [];
+    let a = containerAlloc(views);
+    if (!a || a.client !== 'running' || a.desired !== 'run' || replaced(a, views)) {
       try {
-        a = currentAlloc((await this.client.jobAllocations(jobId)).items.map(allocView));
+        views = (await this.client.jobAllocations(jobId)).items.map(allocView);
+        a = containerAlloc(views);
       } catch (err) {
         throw this.fail(err, `${what}: reading the allocations of job ${jobId}`);
       }
+    }
+    if (a && replaced(a, views)) {
+      throw new EngineError('StartFailed', `${what}: the allocation of job ${jobId} was ${a.client === 'lost' ? 'lost (its node is down)' : 'replaced'} and Nomad placed another: the container is gone`);
     }
     if (!a || a.client !== 'running' || a.desired !== 'run') {
       throw new EngineError('StartFailed', `${what}: job ${jobId} has no running allocation`);
@@ -579,16 +638,21 @@ export class NomadEngine implements Engine {
         if (old.ports) v.ports = old.ports;
       }
       entry?.allocs.set(a.ID, v);
-      const pool = entry?.stub.Meta?.[LABELS.pool] ?? (a.Job?.Meta ?? {})[LABELS.pool];
+      const pool = entry?.stub.Meta?.[LABELS.pool] ?? poolOfJobId(a.JobID, prefix);
       if (!pool) return undefined;
       const at = typeof a.ModifyTime === 'number' ? Math.floor(a.ModifyTime / NS_PER_MS) : undefined;
-      const type = v.desired !== 'run' || ['failed', 'complete', 'lost'].includes(v.client) ? 'die' : v.client === 'running' ? 'start' : undefined;
+      const first = entry ? containerAlloc(entry.allocs.values()) : undefined;
+      const replacement = !!v.previous || (first !== undefined && first.id !== v.id);
+      const type = replacement || v.desired !== 'run' || ['failed', 'complete', 'lost'].includes(v.client) ? 'die' : v.client === 'running' ? 'start' : undefined;
       if (!type) return undefined;
       return { id: a.JobID, pool, type, ...(at !== undefined ? { at } : {}) };
     }
     if (e.Topic === 'Job' && e.Key.startsWith(prefix)) {
       const entry = this.cache.get(e.Key);
-      const pool = entry?.stub.Meta?.[LABELS.pool] ?? ((e.Payload['Job'] as NomadJob | undefined)?.Meta ?? {})[LABELS.pool];
+      const pool = entry?.stub.Meta?.[LABELS.pool] ?? ((e.Payload['Job'] as NomadJob | undefined)?.Meta ?? {})[LABELS.pool] ?? poolOfJobId(e.Key, prefix);
+      // A purge emits this only on Nomad 1.7.5+ (nomad/state/events.go); on 1.7.0–1.7.4 the
+      // allocations' desired "stop" (a "die" above) is the only word of it, and list() forgets
+      // the job when it is no longer listed.
       if (e.Type === 'JobDeregistered') {
         this.cache.delete(e.Key);
         return pool ? { id: e.Key, pool, type: 'destroy' } : undefined;

@@ -1,5 +1,6 @@
 // A small typed client of HashiCorp Nomad's HTTP API (documented behaviour of
-// Nomad 1.6–1.8, https://developer.hashicorp.com/nomad/api-docs). Only the
+// Nomad 1.6–1.8, https://developer.hashicorp.com/nomad/api-docs; where the documentation is
+// silent, as Nomad v1.7.3's source answers, cited where it matters). Only the
 // endpoints the reconciler needs: job register/list/read/deregister, job
 // allocations, allocation read/restart and the event stream.
 //
@@ -116,6 +117,9 @@ export interface NomadTaskEvent {
   DisplayMessage?: string;
   Message?: string;
   DriverError?: string;
+  /** Set on "Failed Validation": e.g. the driver Config did not decode against the driver's spec. */
+  ValidationError?: string;
+  SetupError?: string;
   ExitCode?: number;
   Signal?: number;
   RestartReason?: string;
@@ -230,6 +234,8 @@ export type NomadErrorCode =
   | 'NotFound'
   | 'Conflict'
   | 'BadRequest'
+  /** Nomad refused the request's content (an invalid job): HTTP 500 with "N error(s) occurred:". */
+  | 'Invalid'
   | 'ServerError'
   | 'Unavailable'
   | 'Timeout'
@@ -285,12 +291,42 @@ export interface EventStreamOptions {
   index?: number;
   onError?: (e: Error) => void;
   onHeartbeat?: () => void;
-  /** Reconnect when nothing (not even a heartbeat) arrives for this long. Default 35 s (Nomad heartbeats every 10 s). */
+  /** Reconnect when nothing (not even a heartbeat) arrives for this long. Default EVENT_STREAM_IDLE_TIMEOUT_MS. */
   idleTimeoutMs?: number;
 }
 
+/**
+ * How often Nomad writes a `{}` heartbeat on an idle event stream: nomad/event_endpoint.go passes
+ * 30*time.Second to stream.NewJsonStream (nomad/stream/ndjson.go), which also sends one at once.
+ */
+export const NOMAD_EVENT_HEARTBEAT_MS = 30_000;
+
+/**
+ * A stream silent this long is taken for dead and reconnected: two heartbeats missed and half
+ * of one more, so a loaded agent or network is not mistaken for a dead one.
+ */
+export const EVENT_STREAM_IDLE_TIMEOUT_MS = 2.5 * NOMAD_EVENT_HEARTBEAT_MS;
+
 // The error message Nomad (nomad/job_endpoint.go) uses for failed check-and-set.
 const ENFORCE_INDEX_PREFIX = 'Enforcing job modify index';
+
+/** Nomad holds a blocking query at most this long (MaxBlockingRPCQueryTime, nomad/structs/structs.go). */
+export const MAX_BLOCKING_WAIT_MS = 300_000;
+
+// structs.ErrPermissionDenied (nomad/structs/errors.go).
+const PERMISSION_DENIED = 'Permission denied';
+
+// hashicorp/go-multierror's ListFormatFunc: "1 error occurred:\n\t* …" / "N errors occurred:\n\t* …".
+const MULTIERROR = /^\d+ errors? occurred:\n/;
+
+/** A Nomad multierror text ("2 errors occurred:\n\t* …") on one line: conditions and logs are one line. */
+export function oneLine(s: string): string {
+  return s
+    .split('\n')
+    .map((l) => l.trim().replace(/^\* /, ''))
+    .filter(Boolean)
+    .join(' ');
+}
 
 const RETRYABLE_NET = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ECONNABORTED']);
 
@@ -553,10 +589,23 @@ export class NomadClient {
           finish(undefined, { exitCode: typeof code === 'number' ? code : 0, stdout: Buffer.concat(out), stderr: Buffer.concat(err) });
         }
       });
-      ws.on('close', (code: number, reason: Buffer) =>
-        finish(new NomadError('Unavailable', `${what}: connection closed before the command exited (${code}${reason.length ? ` ${this.scrub(reason.toString())}` : ''})`)),
-      );
+      ws.on('close', (code: number, reason: Buffer) => finish(this.execCloseError(what, code, this.scrub(reason.toString()))));
     });
+  }
+
+  /**
+   * Nomad upgrades the exec WebSocket before it checks anything, so refusals arrive as close
+   * frames: 1008 (policy violation) for an RPC error coded 4xx (unknown allocation, task not
+   * running, terminal allocation), 1011 for 500 and uncoded errors, among them "Permission
+   * denied" (command/agent/alloc_endpoint.go toWsCode, v1.7.3).
+   */
+  private execCloseError(what: string, code: number, reason: string): NomadError {
+    const msg = `${what}: closed before the command exited (${code}${reason ? ` ${reason}` : ''})`;
+    if (code === 1011 && (reason === PERMISSION_DENIED || reason === 'ACL token not found')) return new NomadError('Forbidden', msg);
+    if (code === 1008 && reason.startsWith('Unknown allocation')) return new NomadError('NotFound', msg);
+    if (code === 1008) return new NomadError('BadRequest', msg);
+    if (code === 1011) return new NomadError('ServerError', msg);
+    return new NomadError('Unavailable', msg);
   }
 
   // ---- event stream ---------------------------------------------------------
@@ -569,7 +618,8 @@ export class NomadClient {
    * `> index` (Nomad 1.x starts at the first buffered batch with Index >= the
    * requested one, and re-sends the newest batch if asked for a future index).
    * Without `opts.index` Nomad replays its whole event buffer first; pass e.g.
-   * `meta.index + 1` from a list call to skip history. A 4xx answer (e.g. 403) is reported to onError and ends the stream.
+   * `meta.index + 1` from a list call to skip history. A 4xx answer (e.g. 403), and the 500
+   * "Permission denied" Nomad gives a token without read-job, is reported to onError and ends the stream.
    */
   eventStream(
     topics: string[],
@@ -582,7 +632,7 @@ export class NomadClient {
     let attempt = 0;
     let current: http.ClientRequest | undefined;
     let backoffTimer: NodeJS.Timeout | undefined;
-    const idleMs = opts.idleTimeoutMs ?? 35_000;
+    const idleMs = opts.idleTimeoutMs ?? EVENT_STREAM_IDLE_TIMEOUT_MS;
 
     const report = (e: Error): void => {
       if (stopped) return;
@@ -637,7 +687,8 @@ export class NomadClient {
           res.on('end', () => {
             const err = this.httpError('GET /v1/event/stream', res.statusCode ?? 0, body);
             const status = res.statusCode ?? 0;
-            if (status >= 400 && status < 500 && status !== 429) {
+            // A refusal is final (reconnecting cannot grant a capability); other 5xx are retried.
+            if ((status >= 400 && status < 500 && status !== 429) || err.code === 'Forbidden' || err.code === 'Invalid') {
               finished = true;
               if (idle) clearTimeout(idle);
               report(err);
@@ -764,7 +815,7 @@ export class NomadClient {
     const query = [...(spec.query ?? [])];
     const b = spec.blocking;
     if (b?.index !== undefined) query.push(['index', String(b.index)]);
-    if (b?.waitMs !== undefined) query.push(['wait', goDuration(b.waitMs)]);
+    if (b?.waitMs !== undefined) query.push(['wait', goDuration(Math.min(b.waitMs, MAX_BLOCKING_WAIT_MS))]);
     const body = spec.body === undefined ? undefined : JSON.stringify(spec.body);
     const what = `${spec.method} ${spec.path}`;
     return new Promise<RawResponse>((resolve, reject) => {
@@ -812,7 +863,15 @@ export class NomadClient {
     const text = this.scrub(body.trim().slice(0, 500));
     const msg = `${what}: HTTP ${status}${text ? `: ${text}` : ''}`;
     if (text.includes(ENFORCE_INDEX_PREFIX)) return new NomadError('Conflict', msg, status);
+    // Validation errors are RPC errors without a code, which Nomad's HTTP layer answers with 500
+    // (command/agent/http.go); their text is a go-multierror list. Retrying cannot help.
+    if (status === 500 && MULTIERROR.test(text)) {
+      return new NomadError('Invalid', `${what}: HTTP 500: Nomad refused it as invalid: ${oneLine(text)}`, status);
+    }
     if (status === 403) return new NomadError('Forbidden', msg, status);
+    // A valid token without the capability on the event stream: nomad/event_endpoint.go (v1.7.3)
+    // answers the failed ACL check with code 500 and structs.ErrPermissionDenied's text.
+    if (status === 500 && text === PERMISSION_DENIED) return new NomadError('Forbidden', msg, status);
     if (status === 404) return new NomadError('NotFound', msg, status);
     if (status === 409) return new NomadError('Conflict', msg, status);
     if (status >= 400 && status < 500) return new NomadError('BadRequest', msg, status);
@@ -821,7 +880,7 @@ export class NomadClient {
 
   private async call<T>(spec: RequestSpec): Promise<{ data: T; meta: QueryMeta; headers: http.IncomingHttpHeaders }> {
     const what = `${spec.method} ${spec.path}`;
-    const wait = spec.blocking?.waitMs ?? 0;
+    const wait = Math.min(spec.blocking?.waitMs ?? 0, MAX_BLOCKING_WAIT_MS);
     // Nomad adds up to wait/16 of jitter to a blocking query.
     const timeoutMs = this.timeoutMs + (wait > 0 ? wait + wait / 16 : 0);
     let lastErr: NomadError | undefined;
@@ -854,6 +913,7 @@ export class NomadClient {
       }
       const err = this.httpError(what, res.status, res.body);
       if (res.status >= 500 && err.code === 'ServerError') {
+        // Conflict and Invalid are answers, not failures: only these are retried.
         lastErr = err;
         continue;
       }
