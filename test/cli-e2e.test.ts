@@ -83,6 +83,9 @@ test('run --once that cannot converge: exit 1 after onceTimeout, listing the res
   const r = await runBin(['--config', cfgFile, 'run', '--once'], env.childEnv());
   t.is(r.code, 1, r.stderr + r.stdout);
   t.regex(r.stdout, /not converged after 2s:/);
+  // Waits print as people write them (3m24s, 1.6s, 750ms), never as a count of milliseconds.
+  t.regex(r.stdout, /ProxyPool\/default: \w+: .* \(retry in (\d+ms|\d+(\.\d)?s|\d+m(\d+s)?)\)$/m);
+  t.notRegex(r.stdout, /\d ms\b/);
   t.regex(r.stdout, /ProxyPool\/default: \w+: .*nonexistent\.invalid/);
   t.regex(r.stdout, /ProxyPort\/alice/);
   // A hang guard, not a speed check: onceTimeout is 2 s, start-up on a loaded machine takes seconds.

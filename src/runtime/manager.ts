@@ -27,6 +27,7 @@ import {
   type SimpleController,
 } from './controller.js';
 import { backoffDelay, DEFAULT_BACKOFF, WorkQueue, type BackoffPolicy } from './queue.js';
+import { formatDuration } from '../util/duration.js';
 import { relieveMemoryAfterBurst } from '../util/memory.js';
 import { wireStatusMetrics } from './status-metrics.js';
 
@@ -457,7 +458,7 @@ export class Manager {
         ? 'desired state is in place'
         : run.state === 'Drifted'
           ? `live state differs (${run.changes} change(s)) and driftPolicy is not correct: ${run.summary.slice(0, 3).join('; ')}`
-          : `${run.lastError ?? run.state}${retryInMs !== undefined ? ` (retry in ${Math.round(retryInMs)} ms)` : ''}`,
+          : `${run.lastError ?? run.state}${retryInMs !== undefined ? ` (retry in ${formatDuration(retryInMs)})` : ''}`,
       observedGeneration: generation,
     }, now);
     conditions = setCondition(conditions, {
