@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import type { Config } from '../config.js';
 import type { DesiredStateValidator } from '../desired/validate.js';
+import { plainFsError } from '../desired/problem.js';
 import type { Store } from '../state/store.js';
 import { findConfigFile, howFound, type ConfigChoice } from './config-file.js';
 import { CliError, EXIT, type Io } from './errors.js';
@@ -123,21 +124,5 @@ export function requirePath(target: string): void {
     fs.statSync(target);
   } catch (err) {
     throw new CliError(`${target}: ${plainFsError(err)}`, EXIT.ERROR);
-  }
-}
-
-/** `no such file or directory` rather than `ENOENT: no such file or directory, stat 'x'`. */
-export function plainFsError(err: unknown): string {
-  const e = err as NodeJS.ErrnoException;
-  switch (e.code) {
-    case 'ENOENT':
-      return 'no such file or directory';
-    case 'EACCES':
-    case 'EPERM':
-      return 'permission denied';
-    case 'ENOTDIR':
-      return 'a part of the path is not a directory';
-    default:
-      return e.message ?? String(err);
   }
 }

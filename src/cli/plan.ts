@@ -4,7 +4,9 @@
 // nothing to do, 1 changes, 2 error.
 
 import type { Config } from '../config.js';
+import type { PoolObserved } from '../controllers/proxypool/controller.js';
 import type { ProxyPortSpec } from '../controllers/proxypool/types.js';
+import type { TurnProbe } from '../controllers/turnserver/controller.js';
 import type { StoredResource } from '../state/types.js';
 import type { Store } from '../state/store.js';
 import type { CliContext } from './context.js';
@@ -41,7 +43,7 @@ function countSuffix(line: string, count: number): string {
 }
 
 async function planProxyPools(store: Store, cfg: Config, kind: string | undefined, name: string | undefined, io: Io): Promise<number> {
-  if (kind !== undefined && kind !== 'ProxyPool' && kind !== 'ProxyPort') throw new CliError(`cannot plan ${kind}`);
+  if (kind !== undefined && kind !== 'ProxyPool' && kind !== 'ProxyPort') throw new CliError(`plan does not cover ${kind} yet`);
   const [{ loadPoolDesired, planPool, ProxyPoolController }, { describeAction }, { poolOf }, { IptablesDriver }] = await Promise.all([
     import('../controllers/proxypool/controller.js'),
     import('../controllers/proxypool/rules.js'),
@@ -68,7 +70,7 @@ async function planProxyPools(store: Store, cfg: Config, kind: string | undefine
   for (const poolName of poolNames) {
     const pool = store.getResource('ProxyPool', poolName)!;
     const desired = loadPoolDesired(store, pool);
-    let observed;
+    let observed: PoolObserved;
     try {
       observed = await pools.observe(desired);
     } catch (err) {
@@ -113,7 +115,7 @@ async function planTurnServers(store: Store, name: string | undefined, io: Io): 
     // A changed spec starts over as a new server (as the controller does).
     if (resource.status?.observedGeneration !== undefined && resource.status.observedGeneration !== d.generation) snap = machine.nextTurnSnapshot(snap, { type: 'RESET' });
     const before = machine.phaseOf(snap);
-    let probe;
+    let probe: TurnProbe;
     try {
       probe = await controller.probe(d);
     } catch (err) {
@@ -122,7 +124,11 @@ async function planTurnServers(store: Store, name: string | undefined, io: Io): 
       continue;
     }
     const now = Date.now();
-    const after = machine.nextTurnSnapshot(snap, { type: 'PROBE', ok: probe.ok, ...(probe.errorClass ? { errorClass: probe.errorClass } : {}), at: probe.at, policy: d.policy });
+    // As the controller does: a server restarted less than interval × failureThreshold ago is
+    // still coming up, and a failed probe then is shown but not counted.
+    const starting = before === 'Recovering' && !probe.ok && probe.errorClass !== 'auth_rejected'
+      && snap.context.lastRestartAt !== null && probe.at - snap.context.lastRestartAt < d.intervalMs * d.policy.failureThreshold;
+    const after = starting ? snap : machine.nextTurnSnapshot(snap, { type: 'PROBE', ok: probe.ok, ...(probe.errorClass ? { errorClass: probe.errorClass } : {}), at: probe.at, policy: d.policy });
     const phase = machine.phaseOf(after);
     const transports = probe.transports.map((t) => t.transport).join(', ');
     const result = probe.ok ? `probe succeeded (${transports})` : `probe failed (${probe.errorClass ?? 'malformed'}: ${probe.transports.find((t) => t.error)?.error ?? 'no detail'})`;

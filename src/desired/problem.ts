@@ -37,3 +37,19 @@ export function formatPath(p: Array<string | number>): string {
   }
   return out;
 }
+
+/** `no such file or directory` rather than `ENOENT: no such file or directory, stat 'x'`. */
+export function plainFsError(err: unknown): string {
+  const e = err as NodeJS.ErrnoException;
+  switch (e.code) {
+    case 'ENOENT':
+      return 'no such file or directory';
+    case 'EACCES':
+    case 'EPERM':
+      return 'permission denied';
+    case 'ENOTDIR':
+      return 'a part of the path is not a directory';
+    default:
+      return e.message ?? String(err);
+  }
+}

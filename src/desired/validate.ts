@@ -6,7 +6,7 @@ import YAML, { Composer, isMap, isPair, isScalar, LineCounter, Parser, type Docu
 import type { JsonObject } from '../state/types.js';
 import { GROUP, VERSION, type KindInfo } from './kinds.js';
 import { CEL_RULES, celRulesIn, checkCelRules } from './cel-rules.js';
-import { formatPath, type Problem } from './problem.js';
+import { formatPath, plainFsError, type Problem } from './problem.js';
 
 export { formatPath, formatProblem, type Problem } from './problem.js';
 
@@ -147,7 +147,7 @@ export class DesiredStateValidator {
             .map((f) => path.join(target, f))
         : [target];
     } catch (err) {
-      problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: `cannot read: ${plainError(err)}` });
+      problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: `cannot read: ${plainFsError(err)}` });
       return { resources, problems, files: [] };
     }
     for (const file of files) this.loadFile(file, resources, problems);
@@ -162,7 +162,7 @@ export class DesiredStateValidator {
     try {
       size = fs.statSync(file).size;
     } catch (err) {
-      add(0, 0, '-', '-', `cannot read: ${plainError(err)}`);
+      add(0, 0, '-', '-', `cannot read: ${plainFsError(err)}`);
       return;
     }
     if (size > MAX_FILE_BYTES) {
@@ -354,14 +354,6 @@ function ajvMessage(e: ErrorObject): string {
   }
 }
 
-
-/** `no such file or directory` rather than `ENOENT: no such file or directory, stat 'x'`. */
-function plainError(err: unknown): string {
-  const e = err as NodeJS.ErrnoException;
-  if (e.code === 'ENOENT') return 'no such file or directory';
-  if (e.code === 'EACCES' || e.code === 'EPERM') return 'permission denied';
-  return e.message ?? String(err);
-}
 
 function lazyLocator(file: string, docIndex: number): DesiredResource['locate'] {
   return (fieldPath) => locateLater(file, docIndex, fieldPath);

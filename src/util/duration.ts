@@ -21,8 +21,8 @@ export function parseDuration(text: string): number {
 /**
  * A duration for people, in the units parseDuration reads: `750ms` under a second, `1.5s` under
  * ten seconds, then whole units, largest first, zero parts left out (`3m24s`, `5m`, `1h`,
- * `1h30m`, `26h`). Beyond ten seconds the remainder is cut, not rounded: a wait is never shown
- * as over before it is.
+ * `1h30m`, `26h`). What is below the last unit shown is cut, not rounded (204800 ms is `3m24s`):
+ * a wait shown never ends before it says.
  */
 export function formatDuration(ms: number): string {
   if (!Number.isFinite(ms)) return String(ms);
