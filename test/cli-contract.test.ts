@@ -209,6 +209,20 @@ test('validate checks ports against the configured database when it exists', asy
   t.regex(v.stdout, /ProxyPort\/eve: spec\.port: .*10001.*alice/);
 });
 
+test('validate of a database it cannot open (another user\'s) checks the files alone and says so; apply --dry-run refuses', async (t) => {
+  const s = sandbox(t);
+  fs.writeFileSync(path.join(s.desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
+  // A directory where the database should be: it exists, and SQLite cannot open it.
+  fs.mkdirSync(s.db, { recursive: true });
+  const v = await cli(s.cwd, ['--config', s.cfg, 'validate', '-f', s.desired]);
+  t.is(v.code, 0, v.stderr);
+  t.is(v.stdout, '4 resource(s) in 1 file(s) are valid\n');
+  t.regex(v.stderr, new RegExp(`^note: cannot open the database ${s.db} \\(.+\\); checked against an empty store instead\\n$`));
+  const dry = await cli(s.cwd, ['--config', s.cfg, 'apply', '--dry-run', '-f', s.desired]);
+  t.is(dry.code, 2, dry.stdout + dry.stderr);
+  t.regex(dry.stderr, /^error: /);
+});
+
 test('validate checks the prune limit: --prune, and by default for the config\'s desiredStateDir (as the daemon applies it)', async (t) => {
   const s = sandbox(t);
   const file = path.join(s.desired, 'proxy.yaml');

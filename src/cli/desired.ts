@@ -9,6 +9,7 @@
 import path from 'node:path';
 import YAML from 'yaml';
 import type { DesiredResource } from '../desired/validate.js';
+import type { Store } from '../state/store.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { lineDiff } from '../util/line-diff.js';
 import { requirePath, type CliContext } from './context.js';
@@ -33,7 +34,15 @@ export async function validate(ctx: CliContext, filename: string, opts: CheckOpt
   // The daemon applies its desiredStateDir with prune: checked here the same way, unless told otherwise.
   const watched = cfg.source === 'files' && cfg.desiredStateDir !== undefined && path.resolve(filename) === path.resolve(cfg.desiredStateDir);
   const prune = opts.prune ?? watched;
-  const store = await ctx.openStore(cfg, 'check');
+  let store: Store;
+  try {
+    store = await ctx.openStore(cfg, 'check');
+  } catch (err) {
+    // Someone else's database (the daemon's, mode 0600): the files can still be checked, alone.
+    const { Store } = await import('../state/store.js');
+    ctx.io.err(`note: cannot open the database ${cfg.database} (${(err as Error).message}); checked against an empty store instead`);
+    store = new Store(':memory:');
+  }
   try {
     const result = applyPath(store, validator, ADMISSIONS, filename, {
       prune,
