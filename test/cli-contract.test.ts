@@ -217,10 +217,10 @@ test('validate of a database it cannot open (another user\'s) checks the files a
   const v = await cli(s.cwd, ['--config', s.cfg, 'validate', '-f', s.desired]);
   t.is(v.code, 0, v.stderr);
   t.is(v.stdout, '4 resource(s) in 1 file(s) are valid\n');
-  t.regex(v.stderr, new RegExp(`^note: cannot open the database ${s.db} \\(.+\\); checked against an empty store instead\\n$`));
+  t.regex(v.stderr, new RegExp(`^note: cannot open the database ${s.db} \\(set by config ${s.cfg}, given by --config\\): .+; checked against an empty store instead\\n$`));
   const dry = await cli(s.cwd, ['--config', s.cfg, 'apply', '--dry-run', '-f', s.desired]);
   t.is(dry.code, 2, dry.stdout + dry.stderr);
-  t.regex(dry.stderr, /^error: /);
+  t.regex(dry.stderr, new RegExp(`^error: cannot open the database ${s.db} \\(set by config ${s.cfg}, given by --config\\): `));
 });
 
 test('validate checks the prune limit: --prune, and by default for the config\'s desiredStateDir (as the daemon applies it)', async (t) => {

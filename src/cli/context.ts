@@ -73,7 +73,11 @@ export class CliContext {
       throw new CliError(`database ${cfg.database} does not exist (${this.databaseOrigin()}); \`run\` or \`apply\` creates it`);
     }
     if (!exists && mode === 'check') return new Store(':memory:');
-    return new Store(cfg.database, { eventRetention: cfg.eventRetention });
+    try {
+      return new Store(cfg.database, { eventRetention: cfg.eventRetention });
+    } catch (err) {
+      throw new CliError(`cannot open the database ${cfg.database} (${this.databaseOrigin()}): ${plainFsError(err)}`);
+    }
   }
 
   /** Runs fn with the store open, and closes it. */

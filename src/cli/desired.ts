@@ -13,7 +13,7 @@ import type { Store } from '../state/store.js';
 import { canonicalJson } from '../util/canonical-json.js';
 import { lineDiff } from '../util/line-diff.js';
 import { requirePath, type CliContext } from './context.js';
-import { EXIT } from './errors.js';
+import { CliError, EXIT } from './errors.js';
 import { prefixLines } from './output.js';
 
 export interface CheckOptions {
@@ -40,7 +40,8 @@ export async function validate(ctx: CliContext, filename: string, opts: CheckOpt
   } catch (err) {
     // Someone else's database (the daemon's, mode 0600): the files can still be checked, alone.
     const { Store } = await import('../state/store.js');
-    ctx.io.err(`note: cannot open the database ${cfg.database} (${(err as Error).message}); checked against an empty store instead`);
+    if (!(err instanceof CliError)) throw err;
+    ctx.io.err(`note: ${err.message}; checked against an empty store instead`);
     store = new Store(':memory:');
   }
   try {
