@@ -2,6 +2,7 @@
 // the config lookup order, the kinds snapshot, and empty YAML documents in desired state.
 
 import test from 'ava';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { checkoutRoot, findConfigFile } from '../src/cli/config-file.js';
@@ -11,6 +12,7 @@ import { createValidator } from '../src/controllers/registry.js';
 import { loadKinds } from '../src/desired/kinds.js';
 import { formatProblem } from '../src/desired/validate.js';
 import { formatDuration, parseDuration } from '../src/util/duration.js';
+import { requireCurrentBuild } from './helpers/build.js';
 import { REPO_ROOT, tempDir } from './helpers/unit-fixtures.js';
 
 // ---- durations ---------------------------------------------------------------------
@@ -133,9 +135,28 @@ test('config lookup: --config, then POLYDEV_CONFIG, then /etc, then the checkout
   t.deepEqual(findConfigFile({ from, etcFile, env: { POLYDEV_CONFIG: '/x/env.yaml' }, flag: '/x/flag.yaml' }), { file: '/x/flag.yaml', origin: '--config' });
   // An empty variable or flag counts as unset.
   t.deepEqual(findConfigFile({ from, etcFile, env: { POLYDEV_CONFIG: '' }, flag: '' }), { file: etcFile, origin: 'etc' });
+  // A path through a file (ENOTDIR) is as absent as a missing one.
+  t.deepEqual(findConfigFile({ from, etcFile: path.join(etcFile, 'x'), env: {} }), { file: demo, origin: 'checkout' });
   fs.rmSync(etcFile);
   fs.rmSync(demo);
   t.deepEqual(findConfigFile({ from, etcFile, env: {} }), { file: undefined, origin: 'none' });
+});
+
+test('a system config the user may not read is still the one found (loading it then says why), not skipped for defaults', async (t) => {
+  const setpriv = ['/usr/bin/setpriv', '/bin/setpriv'].find((f) => fs.existsSync(f));
+  if (process.getuid?.() !== 0 || !setpriv) return t.pass('needs root and setpriv to act as another user');
+  requireCurrentBuild();
+  const dir = tempDir(t);
+  fs.chmodSync(dir, 0o755);
+  const locked = path.join(dir, 'etc-polydev');
+  fs.mkdirSync(locked, { mode: 0o700 });
+  const etcFile = path.join(locked, 'polydev-reconciler.yaml');
+  fs.writeFileSync(etcFile, 'database: /var/lib/polydev/polydev.db\n');
+  const module = path.join(REPO_ROOT, 'dist', 'src', 'cli', 'config-file.js');
+  const script = `import(${JSON.stringify(module)}).then((m) => console.log(JSON.stringify(m.findConfigFile({ etcFile: ${JSON.stringify(etcFile)}, from: '/', env: {} }))))`;
+  const r = spawnSync(setpriv, ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script], { encoding: 'utf8', timeout: 60_000 });
+  t.is(r.status, 0, r.stderr);
+  t.deepEqual(JSON.parse(r.stdout) as unknown, { file: etcFile, origin: 'etc' });
 });
 
 test('a checkout is found from the CLI\'s own location; an installed copy (no sources) or another package is not one', (t) => {

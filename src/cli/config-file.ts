@@ -50,13 +50,28 @@ export function findConfigFile(lookup: ConfigLookup = {}): ConfigChoice {
   const fromEnv = (lookup.env ?? process.env).POLYDEV_CONFIG;
   if (fromEnv !== undefined && fromEnv !== '') return { file: path.resolve(fromEnv), origin: 'POLYDEV_CONFIG' };
   const etc = lookup.etcFile ?? ETC_CONFIG;
-  if (fs.existsSync(etc)) return { file: etc, origin: 'etc' };
+  if (present(etc)) return { file: etc, origin: 'etc' };
   const root = checkoutRoot(lookup.from ?? path.dirname(fileURLToPath(import.meta.url)));
   if (root !== undefined) {
     const demo = path.join(root, CHECKOUT_CONFIG);
     if (fs.existsSync(demo)) return { file: demo, origin: 'checkout' };
   }
   return { file: undefined, origin: 'none' };
+}
+
+/**
+ * Whether a config file is there. One the user may not read (root:polydev 0640 under a 0750
+ * /etc/polydev) counts as there: loading it then says "permission denied", rather than the CLI
+ * quietly falling back to defaults and reporting a database that does not exist.
+ */
+function present(file: string): boolean {
+  try {
+    fs.statSync(file);
+    return true;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code !== 'ENOENT' && code !== 'ENOTDIR';
+  }
 }
 
 /** The nearest ancestor of `from` that is a checkout of this project (package.json named polydev-reconciler, with src/main.ts). */
