@@ -275,6 +275,16 @@ test('run --once exits 1 when a ProxyPort of its desiredStateDir has no free por
 
 // ---- plan ----------------------------------------------------------------------------
 
+test('plan reads the rules in the config\'s network namespace; one that does not exist is one error line, exit 2', async (t) => {
+  const s = sandbox(t);
+  fs.writeFileSync(path.join(s.desired, 'proxy.yaml'), manifest({}, EXAMPLE_USERS));
+  t.is((await cli(s.cwd, ['--config', s.cfg, 'apply', '-f', s.desired])).code, 0);
+  const r = await cli(s.cwd, ['--config', s.cfg, 'plan']);
+  t.is(r.code, 2, r.stdout + r.stderr);
+  t.is(r.stdout, '');
+  t.regex(r.stderr, /^error: ProxyPool\/default: cannot read the live rules in network namespace pd-never-made: [^\n]*pd-never-made[^\n]*\n$/);
+});
+
 test('plan warmpool groups identical actions: "start 10 warm containers", once', async (t) => {
   const s = sandbox(t);
   const pool = path.join(s.desired, 'pool.yaml');

@@ -65,14 +65,18 @@ export class CliContext {
     return undefined;
   }
 
-  /** Opens the store of the settings (see StoreMode); the caller closes it. */
-  async openStore(cfg: Config, mode: StoreMode): Promise<Store> {
-    const { Store } = await import('../state/store.js');
-    const exists = fs.existsSync(cfg.database);
-    if (!exists && mode === 'read') {
+  /** Throws the one-line error of a read command when the database does not exist. */
+  requireDatabase(cfg: Config): void {
+    if (!fs.existsSync(cfg.database)) {
       throw new CliError(`database ${cfg.database} does not exist (${this.databaseOrigin()}); \`run\` or \`apply\` creates it`);
     }
-    if (!exists && mode === 'check') return new Store(':memory:');
+  }
+
+  /** Opens the store of the settings (see StoreMode); the caller closes it. */
+  async openStore(cfg: Config, mode: StoreMode): Promise<Store> {
+    if (mode === 'read') this.requireDatabase(cfg);
+    const { Store } = await import('../state/store.js');
+    if (mode === 'check' && !fs.existsSync(cfg.database)) return new Store(':memory:');
     try {
       return new Store(cfg.database, { eventRetention: cfg.eventRetention });
     } catch (err) {
@@ -80,9 +84,9 @@ export class CliContext {
     }
   }
 
-  /** Runs fn with the store open, and closes it. */
-  async withStore<T>(mode: StoreMode, fn: (store: Store, cfg: Config) => Promise<T> | T): Promise<T> {
-    const cfg = await this.settings();
+  /** Runs fn with the store open (of `settings`, else of this.settings()), and closes it. */
+  async withStore<T>(mode: StoreMode, fn: (store: Store, cfg: Config) => Promise<T> | T, settings?: Config): Promise<T> {
+    const cfg = settings ?? (await this.settings());
     const store = await this.openStore(cfg, mode);
     try {
       return await fn(store, cfg);

@@ -7,6 +7,7 @@ import type { Config } from '../config.js';
 import type { PoolObserved } from '../controllers/proxypool/controller.js';
 import type { ProxyPortSpec } from '../controllers/proxypool/types.js';
 import type { TurnProbe } from '../controllers/turnserver/controller.js';
+import type { IptablesDriver } from '../drivers/iptables.js';
 import type { StoredResource } from '../state/types.js';
 import type { Store } from '../state/store.js';
 import type { CliContext } from './context.js';
@@ -18,7 +19,15 @@ export async function plan(ctx: CliContext, kindName: string | undefined, name: 
   if (kind === 'Claim') {
     throw new CliError('claims have no plan of their own: `plan warmpool POOL` shows what the reconcile of their pool does (ending expired claims among it)');
   }
-  return ctx.withStore('read', async (store, cfg) => {
+  if (kind !== undefined && !['ProxyPool', 'ProxyPort', 'WarmPool', 'TurnServer'].includes(kind)) throw new CliError(`plan does not cover ${kind} yet`);
+  const cfg = await ctx.settings();
+  // The live rules are read at once, while the store opens and the controller loads.
+  let rules: IptablesDriver | undefined;
+  if (kind === undefined || kind === 'ProxyPool' || kind === 'ProxyPort') {
+    ctx.requireDatabase(cfg);
+    rules = await liveRules(cfg);
+  }
+  return ctx.withStore('read', async (store) => {
     let changes: number;
     if (kind === 'WarmPool') {
       const { planWarmPools } = await import('./plan-warmpool.js');
@@ -26,10 +35,36 @@ export async function plan(ctx: CliContext, kindName: string | undefined, name: 
     } else if (kind === 'TurnServer') {
       changes = await planTurnServers(store, name, ctx.io);
     } else {
-      changes = await planProxyPools(store, cfg, kind, name, ctx.io);
+      changes = await planProxyPools(store, cfg, rules!, kind, name, ctx.io);
     }
     return changes > 0 ? EXIT.PROBLEMS : EXIT.OK;
-  });
+  }, cfg);
+}
+
+/**
+ * An iptables driver that reads the live rules once, starting now, and answers every later read
+ * from that: each pool is planned against the same moment (one `iptables-save`, however many
+ * pools), and the read runs while this process loads the rest. It only reads; a plan never writes.
+ */
+async function liveRules(cfg: Config): Promise<IptablesDriver> {
+  const { IptablesDriver } = await import('../drivers/iptables.js');
+  class OneRead extends IptablesDriver {
+    private readonly saved = quiet(super.saveRaw());
+    private readonly forwarding = quiet(super.getIpForward());
+    override saveRaw(): Promise<Buffer> {
+      return this.saved;
+    }
+    override getIpForward(): Promise<boolean> {
+      return this.forwarding;
+    }
+  }
+  return new OneRead({ backend: cfg.iptables.backend, ...(cfg.iptables.netns ? { netns: cfg.iptables.netns } : {}) });
+}
+
+/** The same promise, with its failure marked handled until someone awaits it (there may be no pool to plan). */
+function quiet<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => undefined);
+  return p;
 }
 
 /** Prints one resource's plan: a header with the count, then its actions, identical ones once with a count. */
@@ -42,13 +77,11 @@ function countSuffix(line: string, count: number): string {
   return `${line} (${count} times)`;
 }
 
-async function planProxyPools(store: Store, cfg: Config, kind: string | undefined, name: string | undefined, io: Io): Promise<number> {
-  if (kind !== undefined && kind !== 'ProxyPool' && kind !== 'ProxyPort') throw new CliError(`plan does not cover ${kind} yet`);
-  const [{ loadPoolDesired, planPool, ProxyPoolController }, { describeAction }, { poolOf }, { IptablesDriver }] = await Promise.all([
+async function planProxyPools(store: Store, cfg: Config, iptables: IptablesDriver, kind: string | undefined, name: string | undefined, io: Io): Promise<number> {
+  const [{ loadPoolDesired, planPool, ProxyPoolController }, { describeAction }, { poolOf }] = await Promise.all([
     import('../controllers/proxypool/controller.js'),
     import('../controllers/proxypool/rules.js'),
     import('../controllers/proxyport/admission.js'),
-    import('../drivers/iptables.js'),
   ]);
   let poolNames = store.listResources('ProxyPool').map((p) => p.metadata.name);
   let onlyUser: string | undefined;
@@ -64,7 +97,6 @@ async function planProxyPools(store: Store, cfg: Config, kind: string | undefine
     io.err('no ProxyPool resources (`plan warmpool` and `plan turnserver` plan the other kinds)');
     return 0;
   }
-  const iptables = new IptablesDriver({ backend: cfg.iptables.backend, ...(cfg.iptables.netns ? { netns: cfg.iptables.netns } : {}) });
   const pools = new ProxyPoolController(store, iptables);
   let changes = 0;
   for (const poolName of poolNames) {
@@ -75,7 +107,9 @@ async function planProxyPools(store: Store, cfg: Config, kind: string | undefine
       observed = await pools.observe(desired);
     } catch (err) {
       const where = cfg.iptables.netns ? ` in network namespace ${cfg.iptables.netns}` : '';
-      throw new CliError(`ProxyPool/${poolName}: cannot read the live rules${where}: ${(err as Error).message}`);
+      // One line: the driver's message carries the command's stderr on lines of its own.
+      const why = (err as Error).message.split('\n').map((l) => l.trim()).filter(Boolean).join(': ');
+      throw new CliError(`ProxyPool/${poolName}: cannot read the live rules${where}: ${why}`);
     }
     const actions = planPool(desired, observed).filter((a) => !onlyUser || ('userId' in a && a.userId === onlyUser));
     changes += actions.length;
