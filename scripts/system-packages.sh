@@ -29,7 +29,7 @@ fi
 
 case "$what" in
   # The daemon programs iptables inside a network namespace of its own (ip netns).
-  start) packages="iptables iproute2 procps" ;;
+  start) packages="iptables iproute2 procps docker.io busybox-static coturn tinyproxy" ;;
   # Real servers the tests start (see the README, "Tests: what is real").
   test) packages="iptables iproute2 tinyproxy procps docker.io busybox-static coturn openssl prometheus prometheus-alertmanager chromium systemd" ;;
   *) usage ;;

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import YAML, { LineCounter, isMap, isPair, isScalar } from 'yaml';
-import type { LogLevel } from './observability/logger.js';
+import type { LogFormat, LogLevel } from './observability/logger.js';
 import { formatDuration, parseDuration } from './util/duration.js';
 
 export interface Config {
@@ -13,6 +13,7 @@ export interface Config {
   listen: { host: string; port: number };
   apiTokenFile: string | undefined;
   logLevel: LogLevel;
+  logFormat: LogFormat;
   resyncIntervalMs: number;
   workers: number;
   applyDebounceMs: number;
@@ -67,7 +68,7 @@ export interface NomadSettings {
   startTimeoutMs: number;
 }
 
-type Kind = 'path' | 'string' | 'url' | 'list' | 'listen' | 'logLevel' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool' | 'source' | 'targets';
+type Kind = 'path' | 'string' | 'url' | 'list' | 'listen' | 'logLevel' | 'logFormat' | 'duration' | 'int' | 'ratio' | 'backend' | 'bool' | 'source' | 'targets';
 
 interface Setting {
   /** Dotted key in the YAML file. */
@@ -86,6 +87,7 @@ export const SETTINGS: readonly Setting[] = [
   { key: 'listen', env: 'POLYDEV_LISTEN', kind: 'listen', default: '127.0.0.1:9470', help: 'Address of the HTTP API, /metrics, /healthz and /readyz.' },
   { key: 'apiTokenFile', env: 'POLYDEV_API_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the bearer token that mutating API calls need (at least 16 characters). Unset: mutating calls are refused (403).' },
   { key: 'logLevel', env: 'POLYDEV_LOG_LEVEL', kind: 'logLevel', default: 'info', help: 'error, warn, info or debug.' },
+  { key: 'logFormat', env: 'POLYDEV_LOG_FORMAT', kind: 'logFormat', default: 'auto', help: '`json` (one JSON object per line, for journald and log shippers), `text` (time, level, resource, message, then the other fields, for a person) or `auto`: text when the log goes to a terminal, else JSON.' },
   { key: 'resyncInterval', env: 'POLYDEV_RESYNC_INTERVAL', kind: 'duration', default: '30s', help: 'Every key is reconciled at least this often, changes or not (drift detection).' },
   { key: 'workers', env: 'POLYDEV_WORKERS', kind: 'int', default: '4', help: 'Reconciles running at once (never two for the same key).' },
   { key: 'applyDebounce', env: 'POLYDEV_APPLY_DEBOUNCE', kind: 'duration', default: '500ms', help: 'Quiet time after the last change in desiredStateDir before it is applied.' },
@@ -175,6 +177,9 @@ function convert(s: Setting, raw: unknown, baseDir: string, where: string): unkn
     }
     case 'logLevel':
       if (!['error', 'warn', 'info', 'debug'].includes(text)) return fail('must be error, warn, info or debug');
+      return text;
+    case 'logFormat':
+      if (!['auto', 'json', 'text'].includes(text)) return fail('must be auto, json or text');
       return text;
     case 'duration': {
       let ms: number;
@@ -343,6 +348,7 @@ export function loadConfig(
     listen: get<{ host: string; port: number }>('listen'),
     apiTokenFile: get<string | undefined>('apiTokenFile'),
     logLevel: get<LogLevel>('logLevel'),
+    logFormat: get<LogFormat>('logFormat'),
     resyncIntervalMs: get<number>('resyncInterval'),
     workers: get<number>('workers'),
     applyDebounceMs: get<number>('applyDebounce'),

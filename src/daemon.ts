@@ -11,7 +11,7 @@ import { DesiredStateDirWatcher } from './desired/dir-watcher.js';
 import { IptablesDriver, runProcess, findExecutable } from './drivers/iptables.js';
 import { createLogger, type Logger } from './observability/logger.js';
 import { Metrics } from './observability/metrics.js';
-import { Manager, type ConvergenceReport } from './runtime/manager.js';
+import { Manager, type ConvergenceReport, type ManagerOptions } from './runtime/manager.js';
 import { Lease, SqliteLeaderElector } from './state/lease.js';
 import { Notifier } from './notify/notifier.js';
 import { KubernetesClient, resolveNamespace } from './drivers/kubernetes.js';
@@ -29,6 +29,8 @@ export interface DaemonOptions {
   healthTickMs?: number;
   /** Engines to use instead of those the config describes (tests). */
   engines?: EngineFactories;
+  /** Failure backoff and when failures make a resource Degraded, instead of the defaults (tests: no config knob sets these). */
+  retries?: Pick<ManagerOptions, 'backoff' | 'degraded'>;
   /**
    * What to do when leadership is lost (another process holds the lease now): by default stop and
    * exit 1, as controller-runtime does, so a supervisor restarts the process as a clean standby.
@@ -46,14 +48,31 @@ export function readToken(file: string | undefined): string | undefined {
 
 /** Creates iptables.netns when the config asks for it (the demo config keeps the host firewall untouched). */
 async function ensureNetns(name: string, logger: Logger): Promise<void> {
-  if (fs.existsSync(`/run/netns/${name}`)) return;
+  const file = `/run/netns/${name}`;
+  if (fs.existsSync(file) && isMountPoint(file)) return;
   const ip = findExecutable('ip');
   if (!ip) throw new Error('iptables.createNetns needs the `ip` command (iproute2)');
+  if (fs.existsSync(file)) {
+    // The name is there but no namespace is mounted on it (a reboot of a tmpfs-less /run, a crash
+    // inside `ip netns add`, a mount namespace that went away): every `ip netns exec` would fail
+    // with "Invalid argument" for ever. Nothing can be in it, so it is replaced.
+    logger.warn('replacing a stale network namespace name (a file with no namespace mounted on it)', { netns: name, file });
+    fs.rmSync(file, { force: true });
+  }
   for (const args of [['netns', 'add', name], ['netns', 'exec', name, ip, 'link', 'set', 'lo', 'up']]) {
     const r = await runProcess(ip, args, null, 10_000);
     if (r.exitCode !== 0) throw new Error(`ip ${args.join(' ')} failed: ${r.stderr.trim() || `exit ${r.exitCode}`}`);
   }
   logger.info('created network namespace for iptables', { netns: name });
+}
+
+/** Whether `file` is a mount point now (a live `ip netns` name is a bind mount of the namespace). */
+function isMountPoint(file: string): boolean {
+  const unescape = (p: string): string => p.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
+  return fs
+    .readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .some((line) => unescape(line.split(' ')[4] ?? '') === file);
 }
 
 /** How long a stopping leader may take to write its last statuses back to Kubernetes. */
@@ -91,7 +110,7 @@ export class Daemon {
     readonly config: Config,
     private readonly options: DaemonOptions = {},
   ) {
-    this.logger = options.logger ?? createLogger(config.logLevel);
+    this.logger = options.logger ?? createLogger(config.logLevel, 'stdout', config.logFormat);
   }
 
   /** The address the API listens on (after start). */
@@ -150,6 +169,7 @@ export class Daemon {
       controllers,
       workers: config.workers,
       resyncIntervalMs: config.resyncIntervalMs,
+      ...(this.options.retries ?? {}),
       ...(this.elector ? { mayAct: () => this.elector!.isLeader() } : {}),
     });
     this.metrics.reportStoreStateWhen(() => this.isLeader());
@@ -357,8 +377,13 @@ export class Daemon {
       iptablesBackend: config.iptables.backend,
       netns: config.iptables.netns ?? null,
       notifyTargets: config.notify.targets.map((t) => t.name),
+      apiTokenFile: config.apiTokenFile ?? null,
       pid: process.pid,
     });
+    // Without a token every mutating call answers 403: say why once, where a person looks first.
+    if (this.address && !config.apiTokenFile) {
+      logger.warn('no apiTokenFile is configured: the API refuses claims, releases and proxy-port changes (403) until one is set (env POLYDEV_API_TOKEN_FILE; a file with at least 16 characters)');
+    }
   }
 
   /** Another process holds the lease now: acting on would fight it. Stop, loudly. */

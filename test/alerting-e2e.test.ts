@@ -7,13 +7,14 @@
 // Scenario: a ProxyPool with driftPolicy warn. The test flushes the daemon's nat chain by hand
 // (drift the daemon reports and leaves alone): the webhook gets PolydevDriftUnrepaired FIRING for
 // ProxyPool/default. The test puts the rules back by hand: the daemon sees no drift any more and
-// the webhook gets the RESOLVED notification of the same alert.
+// the webhook gets the RESOLVED notification of the same alert. On the way, Prometheus's
+// increase() of polydev_drift_total counts that one drift: the counter was scraped at 0 before it.
 
 import test from 'ava';
 import fs from 'node:fs';
 import YAML from 'yaml';
 
-import { EXAMPLE_USERS, appendSavedRule, chainLines, e2eEnv, iptables, manifest, saveNat, startDaemon, waitFor } from './helpers/e2e-env.js';
+import { EXAMPLE_USERS, appendSavedRule, chainLines, e2eEnv, iptables, manifest, metricValue, saveNat, startDaemon, waitFor } from './helpers/e2e-env.js';
 import { ALERTMANAGER_BIN, startAlertmanager, startWebhookReceiver, type WebhookAlert } from './helpers/alertmanager.js';
 import { ALERTS_FILE, PROMETHEUS_BIN, requireBinary, startPrometheus } from './helpers/prometheus.js';
 
@@ -88,6 +89,12 @@ test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the Prox
     const r = await query(prom.url, 'polydev_drift_unrepaired{kind="ProxyPool", name="default"}');
     return r.length === 1 && r[0]!.value[1] === '0';
   }, PROM_WAIT_MS, 250);
+  // The drift counter is there before any drift, at 0: a series that first appears at 1 is an
+  // increase() of 0 to Prometheus, and the first drift would go uncounted.
+  await waitFor('the drift counter of ProxyPool to be scraped as 0', async () => {
+    const r = await query(prom.url, 'polydev_drift_total{kind="ProxyPool"}');
+    return r.length === 1 && r[0]!.value[1] === '0';
+  }, PROM_WAIT_MS, 250);
   await waitFor('Prometheus to discover the Alertmanager', async () => {
     const res = await fetch(`${prom.url}/api/v1/alertmanagers`, { signal: AbortSignal.timeout(5000) });
     const body = (await res.json()) as { data: { activeAlertmanagers: unknown[] } };
@@ -110,6 +117,14 @@ test('drift under driftPolicy warn: Alertmanager notifies FIRING naming the Prox
   t.regex(firing.annotations.description ?? '', /ProxyPool default/);
   t.is(daemon.store.getResource('ProxyPool', 'default')?.status?.phase, 'Drifted');
   t.is(chainLines(await saveNat(env.ns), 'POLYDEV-PROXY').length, 0, 'driftPolicy warn: the daemon left the drift alone');
+  // One drift (a drift left alone is counted once), and Prometheus sees it. (The firing alert came
+  // from a scrape with drift_unrepaired 1, set in the same run as the count; the wait is a hang guard.)
+  t.is(metricValue(await daemon.metrics.registry.metrics(), 'polydev_drift_total', { kind: 'ProxyPool' }), 1);
+  const increase = await waitFor('increase() of the drift counter to see the drift', async () => {
+    const r = await query(prom.url, 'increase(polydev_drift_total{kind="ProxyPool"}[10m])');
+    return r.length === 1 && Number(r[0]!.value[1]) > 0 ? Number(r[0]!.value[1]) : undefined;
+  }, PROM_WAIT_MS, 250);
+  t.true(increase >= 1, `increase() ${increase}`);
   t.false(webhook.notifications.some((n) => n.alerts.some((a) => isDriftAlert(a) && a.status === 'resolved')), 'not resolved while the drift lasts');
 
   // Undo the drift by hand: the same rules, in the same order.

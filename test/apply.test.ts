@@ -150,8 +150,7 @@ test('re-applying an unchanged ProxyPool is a no-op (examples applied twice thro
   t.deepEqual(second.out.sort(), [
     'proxypool/default unchanged', 'proxyport/alice unchanged', 'proxyport/bob unchanged', 'proxyport/carol unchanged',
     'turnserver/coturn unchanged',
-    'warmpool/anthropic unchanged', 'warmpool/dev unchanged', 'warmpool/google unchanged', 'warmpool/gpu-experiments unchanged',
-    'warmpool/gpu-workers unchanged', 'warmpool/openai unchanged',
+    'warmpool/anthropic unchanged', 'warmpool/dev unchanged', 'warmpool/google unchanged', 'warmpool/openai unchanged',
   ]);
   const s = new Store(db);
   t.teardown(() => s.close());

@@ -83,9 +83,6 @@ test('run --once that cannot converge: exit 1 after onceTimeout, listing the res
   const r = await runBin(['--config', cfgFile, 'run', '--once'], env.childEnv());
   t.is(r.code, 1, r.stderr + r.stdout);
   t.regex(r.stdout, /not converged after 2s:/);
-  // Waits print as people write them (3m24s, 1.6s, 750ms), never as a count of milliseconds.
-  t.regex(r.stdout, /ProxyPool\/default: \w+: .* \(retry in (\d+ms|\d+(\.\d)?s|\d+m(\d+s)?)\)$/m);
-  t.notRegex(r.stdout, /\d ms\b/);
   t.regex(r.stdout, /ProxyPool\/default: \w+: .*nonexistent\.invalid/);
   t.regex(r.stdout, /ProxyPort\/alice/);
   // A hang guard, not a speed check: onceTimeout is 2 s, start-up on a loaded machine takes seconds.
@@ -271,6 +268,10 @@ test('a running daemon follows what the CLI writes (proxyport add/remove through
   t.is((await c.run(['proxyport', 'remove', 'dave'])).code, 0);
   await waitFor('dave\'s rule to go', async () => ruleOf(await saveNat(c.env.ns), 'dave') === undefined);
   await waitFor('ProxyPort dave to go', async () => (await c.run(['get', 'proxyport', 'dave'])).code === 1);
+  // The daemon's log says what the CLI changed, when it took it up.
+  const logged = daemon.stdout().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+  t.like(logged.find((e) => e['message'] === 'desired state changed by another process' && e['resource'] === 'ProxyPort/dave'), { level: 'info', generation: 1 });
+  t.like(logged.find((e) => e['message'] === 'deletion requested by another process'), { level: 'info', resource: 'ProxyPort/dave' });
   // run --once (or a second daemon) on the same DB is refused while the daemon runs.
   const once = await c.run(['run', '--once']);
   t.is(once.code, 2);
@@ -297,12 +298,16 @@ test('validate, apply (twice: unchanged), diff against the store', async (t) => 
   const c = await cli(t);
   const v = await c.run(['validate', '-f', EXAMPLES]);
   t.is(v.code, 0, v.stdout + v.stderr);
-  t.regex(v.stdout, /11 resource\(s\) in 6 file\(s\) are valid/);
+  t.regex(v.stdout, /9 resource\(s\) in 4 file\(s\) are valid/);
+  // The examples that need a GPU or a Nomad cluster are valid too, though not part of the demo.
+  const extra = await c.run(['validate', '-f', path.join(REPO, 'manifests', 'examples-extra')]);
+  t.is(extra.code, 0, extra.stdout + extra.stderr);
+  t.regex(extra.stdout, /2 resource\(s\) in 2 file\(s\) are valid/);
   const a1 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a1.code, 0, a1.stderr);
   t.regex(a1.stdout, /proxypool\/default created/);
   t.regex(a1.stdout, /warmpool\/openai created/);
-  t.regex(a1.stdout, /warmpool\/gpu-workers created/);
+  t.regex(a1.stdout, /warmpool\/dev created/);
   t.regex(a1.stdout, /turnserver\/coturn created/);
   const a2 = await c.run(['apply', '-f', EXAMPLES]);
   t.is(a2.code, 0, a2.stderr);

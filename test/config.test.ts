@@ -104,7 +104,7 @@ test('environment variables override the file; command-line overrides win over b
 
 test('every setting has an environment variable that works', (t) => {
   const values: Record<string, string> = {
-    database: 'a.db', installationId: 'pod-owner-1', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error',
+    database: 'a.db', installationId: 'pod-owner-1', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error', logFormat: 'text',
     resyncInterval: '2s', workers: '9', applyDebounce: '1s', maxPrune: '1', eventRetention: '1',
     shutdownTimeout: '1s', onceTimeout: '1h', 'iptables.backend': 'legacy', 'iptables.netns': 'ns1', 'iptables.createNetns': 'true',
     'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'warmPools.parallelism': '3',
@@ -126,6 +126,7 @@ test('every setting has an environment variable that works', (t) => {
   }
   const cfg = loadConfig(undefined, env);
   t.is(cfg.workers, 9);
+  t.is(cfg.logFormat, 'text');
   t.is(cfg.onceTimeoutMs, 3_600_000);
   t.deepEqual(cfg.iptables, { backend: 'legacy', netns: 'ns1', createNetns: true });
   t.deepEqual(cfg.listen, { host: 'localhost', port: 1 });
@@ -174,6 +175,7 @@ test('bad values are ConfigErrors that say where and why', (t) => {
     ["listen: nope", /listen: must be HOST:PORT, got "nope"/],
     ['listen: 127.0.0.1:70000', /listen: must be HOST:PORT/],
     ['logLevel: loud', /logLevel: must be error, warn, info or debug/],
+    ['logFormat: pretty', /logFormat: must be auto, json or text/],
     ['workers: 0', /workers: must be a positive whole number/],
     ['workers: 2.5', /workers: must be a positive whole number/],
     ['workers: -1', /workers: must be a positive whole number/],

@@ -220,8 +220,8 @@ test('an edit of the pool (upstream host, destination ports) re-points every rul
   const stale = all.split('\n').filter((l) => l.includes('polydev:') && /127\.0\.0\.1\b/.test(l));
   t.deepEqual(stale, [], 'no rule still names the old upstream');
   t.is(daemon.store.getResource('ProxyPool', 'default')!.status?.upstreamIP, '127.0.0.2');
-  // A change of desired state is a rollout, not drift.
-  t.is(metricValue(await metrics(daemon), 'polydev_drift_total', { kind: 'ProxyPool' }) ?? 0, 0);
+  // A change of desired state is a rollout, not drift (the counter is there, at 0).
+  t.is(metricValue(await metrics(daemon), 'polydev_drift_total', { kind: 'ProxyPool' }), 0);
   t.false(events(daemon, 'ProxyPool', 'default').some((e) => e.reason === 'DriftDetected'));
 });
 
@@ -326,6 +326,8 @@ test('watched directory: bad edits are rejected whole (event names file:line); a
   const file = `${env.desiredDir}/proxy.yaml`;
   const rejected = () =>
     events(daemon, 'DesiredState', 'directory').filter((e) => e.type === 'Warning' && e.reason === 'ApplyRejected');
+  // Exported at 0 before the first rejection, so Prometheus's increase() sees that one too.
+  t.is(metricValue(await metrics(daemon), 'polydev_desired_state_applies_total', { result: 'rejected' }), 0);
 
   // Invalid YAML.
   env.writeDesired('proxy.yaml', `${manifest({}, EXAMPLE_USERS)}---\nkind: ProxyPort\nmetadata: {name: [unclosed\n`);
@@ -423,15 +425,20 @@ test('watched directory: a prune of more than maxPrune (default 0.5) of the port
   t.is(userRules(await saveNat(env.ns)).length, 3);
 });
 
-test('an unresolvable upstream: Backoff, then Degraded with an event; fixing the host recovers', async (t) => {
+test('an unresolvable upstream: Backoff, then Degraded (failing for a while) with an event; fixing the host recovers at once', async (t) => {
   const env = await e2eEnv(t);
   env.writeDesired('proxy.yaml', manifest({ host: 'nonexistent.invalid' }, EXAMPLE_USERS));
-  const daemon = await startDaemon(t, env.writeConfig({ desiredStateDir: env.desiredDir }));
+  // Degraded after 5 failures over 2 s (the default asks for a minute); the backoff is the default.
+  const daemon = await startDaemon(t, env.writeConfig({ desiredStateDir: env.desiredDir }), { retries: { degraded: { afterFailures: 5, afterMs: 2_000 } } });
   const pool = () => daemon.store.getResource('ProxyPool', 'default')!;
+  await waitFor('the pool to fail', () => pool().status?.phase === 'Backoff', 30_000);
   await waitFor('the pool to be Degraded', () => pool().status?.phase === 'Degraded', 30_000);
   const degraded = pool().status!.conditions.find((c) => c.type === 'Degraded')!;
   t.is(degraded.status, 'True');
-  t.regex(degraded.message, /nonexistent\.invalid/);
+  t.regex(degraded.message, /nonexistent\.invalid.*\(failing since \S+Z, \d+ attempt\(s\)\)$/);
+  const snapshot = daemon.store.getSnapshot('ProxyPool', 'default') as { context: { failures: number; failingSince: number; runAt: number } };
+  t.true(snapshot.context.failures >= 5);
+  t.true(snapshot.context.runAt - snapshot.context.failingSince >= 2_000, 'Degraded came with a streak at least afterMs long');
   t.true(events(daemon, 'ProxyPool', 'default').some((e) => e.type === 'Warning' && e.reason === 'Degraded'));
   t.true((metricValue(await metrics(daemon), 'polydev_reconcile_errors_total', { kind: 'ProxyPool' }) ?? 0) >= 5);
   const alice = daemon.store.getResource('ProxyPort', 'alice')!;

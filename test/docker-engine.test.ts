@@ -24,6 +24,7 @@ import {
 } from '../src/drivers/docker.js';
 import { EngineError, LABELS, MANAGED_BY, type ContainerSpec, type EngineEvent, type ObservedContainer } from '../src/controllers/warmpool/engine.js';
 import { TEST_LABEL, startDockerd, type Dockerd } from './helpers/dockerd.js';
+import { pollUntil } from './helpers/timing.js';
 
 let d: Dockerd;
 let engine: DockerEngine;
@@ -32,12 +33,6 @@ let seq = 0;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Polls pred every 20 ms until it holds or ms pass; resolves with its last value (a hang guard, not a speed limit). */
-async function eventually(pred: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (!(await pred()) && Date.now() < end) await sleep(20);
-  return pred();
-}
-
 function uniq(prefix: string): string {
   seq++;
   return `${prefix}${seq}x${process.pid % 1000}`;
@@ -371,7 +366,7 @@ test('start: a container that exits at once is StartFailed (or observed exited) 
     // Raced the inspect: it must be exiting now. dockerd records the exit after it happened, which
     // can take well over the half second the process needs when the machine is loaded: poll (hang guard).
     let l = await engine.list(owner);
-    await eventually(async () => (l = await engine.list(owner))[0]?.state !== 'running', 30_000);
+    await pollUntil(async () => (l = await engine.list(owner))[0]?.state !== 'running', 30_000);
     t.is(l[0]?.state, 'exited');
     t.is(l[0]?.exitCode, 3);
   } catch (err) {
@@ -393,7 +388,7 @@ test('start: twice with the same slot/name adopts the existing container, also w
   t.is(k.status, 204);
   // Until dockerd shows it stopped (it may take seconds under load; a hang guard): otherwise the start
   // below would adopt a running container and this part would test nothing.
-  t.true(await eventually(async () => (await engine.list(owner))[0]?.state === 'exited', 30_000), 'the killed container is seen stopped');
+  t.true(await pollUntil(async () => (await engine.list(owner))[0]?.state === 'exited', 30_000), 'the killed container is seen stopped');
   const c = await engine.start(s);
   t.is(c.id, a.id);
   t.is(c.state, 'running');
@@ -582,11 +577,11 @@ test.serial('watch: start and die events for this owner only; stop() ends the st
   const listeners = async (): Promise<number> => Number(((await d.request('GET', '/info')).json as Json)['NEventsListener'] ?? 0);
   const before = await listeners();
   const stop = engine.watch(owner, (e) => events.push(e), (e) => errors.push(e));
-  t.true(await eventually(async () => (await listeners()) > before, 30_000), 'the event subscription reached dockerd');
+  t.true(await pollUntil(async () => (await listeners()) > before, 30_000), 'the event subscription reached dockerd');
   const c = await engine.start(spec(owner, 'w', { pool: 'watched' }));
   const foreign = await engine.start(spec(other, 'w'));
   // The deadlines below are hang guards (30 s): an event takes as long as dockerd needs under load.
-  const waitFor = (pred: () => boolean, ms: number): Promise<boolean> => eventually(pred, ms);
+  const waitFor = (pred: () => boolean, ms: number): Promise<boolean> => pollUntil(pred, ms);
   t.true(await waitFor(() => events.some((e) => e.type === 'start' && e.id === c.id), 30_000), JSON.stringify(events));
   const t0 = performance.now();
   const k = await d.request('POST', `/containers/${c.id}/kill`);
@@ -629,7 +624,7 @@ test('watch: reconnects with backoff after the stream ends, reports it, and stop
   const stop = fake.watch('own1', (e) => events.push(e), (e) => errors.push(e));
   try {
     // Three connections need 250 + 500 ms of backoff; 30 s is a hang guard for a loaded machine.
-    await eventually(() => events.length >= 3, 30_000);
+    await pollUntil(() => events.length >= 3, 30_000);
     t.true(paths.length >= 3, `reconnected ${paths.length} times`);
     stop();
     const count = paths.length;
@@ -673,14 +668,14 @@ test('watch: an outage is reported once however many retries fail, and its end i
     // The first failed attempt is reported (polled: on a stalled event loop a fixed sleep could end
     // first); then retries after 250, 500 ms: at least three failed attempts (fewer under load, which
     // can only make this pass falsely).
-    t.true(await eventually(() => errors.length > 0, 30_000), 'the outage is reported');
+    t.true(await pollUntil(() => errors.length > 0, 30_000), 'the outage is reported');
     await sleep(1200);
     t.is(errors.length, 1, 'one report for the whole outage');
     t.regex(errors[0]!.message, /not reachable/);
     t.is(resumed, 0);
     await new Promise<void>((r) => srv.listen(sock, r));
     // Hang guard: the next retry (backoff up to 10 s) finds the socket.
-    await eventually(() => resumed > 0, 30_000);
+    await pollUntil(() => resumed > 0, 30_000);
     t.is(resumed, 1, 'the end of the outage is announced once');
     t.is(connects, 1);
     t.is(errors.length, 1);

@@ -14,6 +14,7 @@ import {
 } from '../src/drivers/httpproxy.js';
 import { startIpEcho } from './helpers/ip-echo.js';
 import { freePort, startTinyproxy } from './helpers/tinyproxy.js';
+import { controlTimer } from './helpers/timing.js';
 
 const BIND = '127.0.0.2';
 const USER = 'healthcheck';
@@ -139,18 +140,6 @@ test('nothing listening on the proxy port: refused, quickly', async (t) => {
   t.true(elapsed < timeoutMs / 3, `took ${elapsed} ms`);
 });
 
-/** A timer of `ms` started now; `fired` says whether it ran (event-loop time, see its use). */
-function lateTimer(ms: number): { readonly fired: boolean; cancel: () => void } {
-  let fired = false;
-  const timer = setTimeout(() => (fired = true), ms);
-  return {
-    get fired() {
-      return fired;
-    },
-    cancel: () => clearTimeout(timer),
-  };
-}
-
 test('proxy that accepts and never answers: timeout at the deadline, socket destroyed', async (t) => {
   const sockets = new Set<net.Socket>();
   let closed = 0;
@@ -180,7 +169,7 @@ test('proxy that accepts and never answers: timeout at the deadline, socket dest
     // "At the deadline": settled before a timer of timeoutMs + 400 ms started just before the check fires.
     // Event-loop time, so a stalled loop delays both alike (a wall-clock bound can fail under load); the
     // check arms its own timeout synchronously, after this one, with the shorter delay.
-    const late = lateTimer(timeoutMs + 400);
+    const late = controlTimer(timeoutMs + 400);
     t.teardown(late.cancel);
     const t0 = performance.now();
     const r = await checkThroughProxy({

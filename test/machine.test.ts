@@ -4,8 +4,11 @@ import test from 'ava';
 import { createActor, fromPromise, waitFor, type Actor } from 'xstate';
 import {
   convergenceMachine,
+  DEFAULT_DEGRADED,
+  isDegraded,
   SETTLED_STATES,
   SUMMARY_LIMIT,
+  type DegradedPolicy,
   type DriftPolicy,
   type ObserveOutput,
 } from '../src/runtime/convergence-machine.js';
@@ -22,7 +25,7 @@ interface Harness {
   calls: { observe: number; execute: number; teardown: number };
   script: Script;
   /** Sends RECONCILE and waits until the machine settles again. */
-  reconcile(driftPolicy?: DriftPolicy): Promise<string>;
+  reconcile(driftPolicy?: DriftPolicy, run?: { at?: number; fresh?: boolean; degraded?: DegradedPolicy }): Promise<string>;
   state(): string;
 }
 
@@ -58,7 +61,12 @@ function settled(actor: Actor<typeof convergenceMachine>): Promise<unknown> {
   return waitFor(actor, (s) => SETTLED_STATES.has(String(s.value)) || s.status === 'done', { timeout: 2000 });
 }
 
-function harness(t: import('ava').ExecutionContext, script: Script, input: { degradedAfter?: number } = {}, snapshot?: unknown): Harness {
+function harness(
+  t: import('ava').ExecutionContext,
+  script: Script,
+  input: { degradedAfter?: number; degradedAfterMs?: number } = {},
+  snapshot?: unknown,
+): Harness {
   const calls = { observe: 0, execute: 0, teardown: 0 };
   const machine = machineFor(script, calls);
   const actor = snapshot
@@ -71,8 +79,8 @@ function harness(t: import('ava').ExecutionContext, script: Script, input: { deg
     calls,
     script,
     state: () => String(actor.getSnapshot().value),
-    async reconcile(driftPolicy: DriftPolicy = 'correct') {
-      actor.send({ type: 'RECONCILE', driftPolicy });
+    async reconcile(driftPolicy: DriftPolicy = 'correct', run = {}) {
+      actor.send({ type: 'RECONCILE', driftPolicy, ...run });
       // The event moves the machine out of its settled state synchronously, unless it has no
       // transition for RECONCILE at all; either way wait for the next settled state.
       await settled(actor);
@@ -183,14 +191,17 @@ test('a plan caused by a desired-state change is not drift, whatever the policy'
   }
 });
 
-test('execute failing goes to Backoff with the error; 5 failures in a row → Degraded; success resets', async (t) => {
+test('execute failing goes to Backoff with the error; 5 failures in a row over a minute → Degraded; success resets', async (t) => {
   const h = harness(t, { observe: [plan(1)], execute: [new Error('iptables-restore: exit 4')] });
+  const t0 = 1_700_000_000_000;
+  // Failures 20 s apart: the fourth is a minute after the first, but only the fourth.
   for (let i = 1; i <= 4; i++) {
-    t.is(await h.reconcile(), 'Backoff', `failure ${i}`);
+    t.is(await h.reconcile('correct', { at: t0 + (i - 1) * 20_000 }), 'Backoff', `failure ${i}`);
     t.is(h.actor.getSnapshot().context.failures, i);
+    t.is(h.actor.getSnapshot().context.failingSince, t0, 'the streak started with the first failure');
     t.is(h.actor.getSnapshot().context.lastError, 'iptables-restore: exit 4');
   }
-  t.is(await h.reconcile(), 'Degraded', 'the fifth failure in a row');
+  t.is(await h.reconcile('correct', { at: t0 + 80_000 }), 'Degraded', 'the fifth failure in a row, 80 s into the streak');
   t.is(h.actor.getSnapshot().context.failures, 5);
   t.is(h.calls.execute, 5);
 
@@ -202,11 +213,57 @@ test('execute failing goes to Backoff with the error; 5 failures in a row → De
   t.is(await h.reconcile(), 'Ready');
   const ctx = h.actor.getSnapshot().context;
   t.is(ctx.failures, 0);
+  t.is(ctx.failingSince, null);
   t.is(ctx.lastError, null);
 });
 
+test('isDegraded: enough failures AND long enough, never either alone', (t) => {
+  const p = { afterFailures: 5, afterMs: 60_000 };
+  const table: Array<[failures: number, failingForMs: number, degraded: boolean]> = [
+    [0, 0, false],
+    [1, 3_600_000, false], // one failure an hour ago: a single retry pending, not a pattern
+    [4, 600_000, false],
+    [5, 59_999, false], // five quick failures (a burst, a short backoff): not yet
+    [12, 700, false], // the issue's burst: 12 runs in 0.7 s
+    [5, 60_000, true],
+    [40, 86_400_000, true],
+  ];
+  for (const [failures, ms, want] of table) t.is(isDegraded(failures, ms, p), want, `${failures} failures over ${ms} ms`);
+  t.deepEqual(DEFAULT_DEGRADED, p, 'the default is 5 failures over at least a minute');
+  t.true(isDegraded(2, 0, { afterFailures: 2, afterMs: 0 }), 'afterMs 0: the count alone, as before');
+});
+
+test('a burst of failures within seconds stays Backoff whatever the count; the first failure past afterMs is Degraded', async (t) => {
+  const h = harness(t, { observe: [new Error('connect ENOENT /var/run/docker.sock')] });
+  const t0 = 1_700_000_000_000;
+  for (let i = 0; i < 30; i++) t.is(await h.reconcile('correct', { at: t0 + i * 25 }), 'Backoff', `failure ${i + 1}, ${i * 25} ms in`);
+  t.is(h.actor.getSnapshot().context.failures, 30, 'every failure is counted');
+  t.is(await h.reconcile('correct', { at: t0 + 60_000 }), 'Degraded');
+});
+
+test('a fresh RECONCILE (the cause went away) starts the failure count over, even from Degraded', async (t) => {
+  const h = harness(t, { observe: [new Error('not reachable')] }, { degradedAfter: 2, degradedAfterMs: 0 });
+  const t0 = 1_700_000_000_000;
+  await h.reconcile('correct', { at: t0 });
+  t.is(await h.reconcile('correct', { at: t0 + 1000 }), 'Degraded');
+  t.is(await h.reconcile('correct', { at: t0 + 5000, fresh: true }), 'Backoff', 'the first failure of a new streak');
+  t.is(h.actor.getSnapshot().context.failures, 1);
+  t.is(h.actor.getSnapshot().context.failingSince, t0 + 5000);
+  t.is(await h.reconcile('correct', { at: t0 + 6000 }), 'Degraded', 'and the new streak counts on');
+});
+
+test('the Degraded policy on RECONCILE overrides the one the machine was created or persisted with', async (t) => {
+  const h = harness(t, { observe: [new Error('down')] });
+  const t0 = 1_700_000_000_000;
+  const quick = { afterFailures: 3, afterMs: 1000 };
+  t.is(await h.reconcile('correct', { at: t0, degraded: quick }), 'Backoff');
+  t.is(await h.reconcile('correct', { at: t0 + 10, degraded: quick }), 'Backoff');
+  t.is(await h.reconcile('correct', { at: t0 + 20, degraded: quick }), 'Backoff', '3 failures, but within 20 ms');
+  t.is(await h.reconcile('correct', { at: t0 + 1000, degraded: quick }), 'Degraded');
+});
+
 test('degradedAfter comes from input', async (t) => {
-  const h = harness(t, { observe: [new Error('cannot list chains')] }, { degradedAfter: 2 });
+  const h = harness(t, { observe: [new Error('cannot list chains')] }, { degradedAfter: 2, degradedAfterMs: 0 });
   t.is(await h.reconcile(), 'Backoff');
   t.is(await h.reconcile(), 'Degraded');
   t.is(h.actor.getSnapshot().context.lastError, 'cannot list chains');
@@ -295,9 +352,10 @@ test('a persisted snapshot from Ready restores Ready and carries on (drift is st
   t.is(restored.calls.execute, 1);
 });
 
-test('a persisted snapshot from Backoff keeps the failure count toward Degraded', async (t) => {
+test('a persisted snapshot from Backoff keeps the failure count and the streak start toward Degraded', async (t) => {
   const first = harness(t, { observe: [new Error('down')] });
-  for (let i = 0; i < 3; i++) await first.reconcile();
+  const t0 = 1_700_000_000_000;
+  for (let i = 0; i < 3; i++) await first.reconcile('correct', { at: t0 + i * 1000 });
   t.is(first.state(), 'Backoff');
   const persisted = JSON.parse(JSON.stringify(first.actor.getPersistedSnapshot()));
   first.actor.stop();
@@ -305,8 +363,38 @@ test('a persisted snapshot from Backoff keeps the failure count toward Degraded'
   const restored = harness(t, { observe: [new Error('still down')] }, {}, persisted);
   t.is(restored.state(), 'Backoff');
   t.is(restored.actor.getSnapshot().context.failures, 3);
-  t.is(await restored.reconcile(), 'Backoff');
-  t.is(await restored.reconcile(), 'Degraded');
+  t.is(restored.actor.getSnapshot().context.failingSince, t0);
+  t.is(await restored.reconcile('correct', { at: t0 + 30_000 }), 'Backoff');
+  t.is(await restored.reconcile('correct', { at: t0 + 60_000 }), 'Degraded');
+});
+
+test('a snapshot persisted before failures were counted in time still restores and counts', async (t) => {
+  const first = harness(t, { observe: [new Error('down')] });
+  await first.reconcile('correct', { at: 1000 });
+  const persisted = JSON.parse(JSON.stringify(first.actor.getPersistedSnapshot())) as { context: Record<string, unknown> };
+  first.actor.stop();
+  // What an older build persisted: no failingSince, runAt or degradedAfterMs.
+  delete persisted.context['failingSince'];
+  delete persisted.context['runAt'];
+  delete persisted.context['degradedAfterMs'];
+  const restored = harness(t, { observe: [new Error('still down')] }, {}, persisted);
+  t.is(await restored.reconcile('correct', { at: 50_000 }), 'Backoff');
+  t.is(restored.actor.getSnapshot().context.failures, 2);
+  t.is(restored.actor.getSnapshot().context.failingSince, 50_000, 'the streak is timed from the first failure this build saw');
+  t.is(restored.actor.getSnapshot().context.degradedAfterMs, DEFAULT_DEGRADED.afterMs);
+});
+
+test('a deletion starts the teardown failure count from zero', async (t) => {
+  const h = harness(t, { observe: [new Error('down')], teardown: [new Error('engine down'), undefined] });
+  for (let i = 0; i < 4; i++) await h.reconcile('correct', { at: i });
+  t.is(h.actor.getSnapshot().context.failures, 4);
+  h.actor.send({ type: 'DELETE' });
+  await settled(h.actor);
+  t.is(h.state(), 'TerminatingBackoff');
+  t.is(h.actor.getSnapshot().context.failures, 1, 'the first teardown failure, not the fifth failure');
+  h.actor.send({ type: 'DELETE' });
+  await settled(h.actor);
+  t.is(h.state(), 'Deleted');
 });
 
 test('only settled states are listed as settled', (t) => {

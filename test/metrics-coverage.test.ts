@@ -1,11 +1,15 @@
 // Every metric the shipped alert rules (manifests/prometheus/alerts.yml) and the Grafana dashboard
-// (manifests/grafana/polydev-reconciler.json) query must exist in a real daemon's /metrics; and
-// the per-resource gauges the alerts rely on (polydev_resource_phase, polydev_resource_ready,
-// polydev_warm_pool_desired_size) show what the daemon's store says. The daemon runs in process
-// against iptables in a throwaway namespace, a WarmPool on the process engine (real child
-// processes), and a WarmPool on a Docker socket that does not exist (EngineUnavailable, for real).
+// (manifests/grafana/polydev-reconciler.json) query must exist in a real daemon's /metrics; the
+// per-resource gauges the alerts rely on (polydev_resource_phase, polydev_resource_ready,
+// polydev_warm_pool_desired_size) show what the daemon's store says; every counter is there at 0
+// before its first event (or Prometheus's increase() misses that event); and the real promtool
+// finds nothing wrong with the exposition. The daemon runs in process against iptables in a
+// throwaway namespace, a WarmPool on the process engine (real child processes), a WarmPool on a
+// Docker socket that does not exist (EngineUnavailable, for real), a TurnServer on a port nobody
+// listens on, and a notifier target (a real webhook receiver).
 
 import test, { type ExecutionContext } from 'ava';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
@@ -14,8 +18,9 @@ import type { Daemon } from '../src/daemon.js';
 import { ProcessEngine } from '../src/drivers/process.js';
 import { installationId } from '../src/state/pools.js';
 import { EXAMPLE_USERS, e2eEnv, manifest, metricValue, startDaemon, waitFor } from './helpers/e2e-env.js';
-import { ALERTS_FILE, DASHBOARD_FILE } from './helpers/prometheus.js';
+import { ALERTS_FILE, DASHBOARD_FILE, PROMTOOL_BIN, requireBinary, runTool } from './helpers/prometheus.js';
 import { poolsYaml } from './helpers/warmpool-env.js';
+import { startReceiver } from './helpers/webhook-receiver.js';
 
 // Hang guard of the waits on the daemon (a passing wait costs only its own time): converging,
 // starting processes and five failed reconciles take many times longer on a loaded machine.
@@ -104,10 +109,45 @@ interface Running {
   scrape(): Promise<string>;
 }
 
-/** A daemon with a converged ProxyPool, a process-engine WarmPool and a WarmPool whose Docker socket is missing. */
+/** A UDP port on 127.0.0.1 that nothing listens on (it was free a moment ago). */
+async function closedUdpPort(): Promise<number> {
+  const socket = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => socket.bind(0, '127.0.0.1', resolve));
+  const { port } = socket.address();
+  await new Promise<void>((resolve) => socket.close(() => resolve()));
+  return port;
+}
+
+/**
+ * A TurnServer nobody answers for: its first probe fails, and with an hour between probes and
+ * three failures needed (and no remediation) it is never restarted during a test.
+ */
+function silentTurnServerYaml(port: number, passwordFile: string): string {
+  return YAML.stringify({
+    apiVersion: 'polydev.ai/v1alpha1',
+    kind: 'TurnServer',
+    metadata: { name: 'silent' },
+    spec: {
+      host: '127.0.0.1',
+      ports: { stun: port },
+      transports: ['udp'],
+      realm: 'coverage.test',
+      auth: { mode: 'longTerm', username: 'probe', passwordFile },
+      probe: { interval: '1h', timeout: '1s', failureThreshold: 3 },
+    },
+  });
+}
+
+/**
+ * A daemon with a converged ProxyPool, a process-engine WarmPool, a WarmPool whose Docker socket
+ * is missing, a TurnServer that does not answer, and a notifier target.
+ */
 async function runningDaemon(t: ExecutionContext): Promise<Running> {
   const env = await e2eEnv(t);
   const runDir = path.join(env.dir, 'run');
+  const receiver = await startReceiver(t);
+  const turnPasswordFile = path.join(env.dir, 'turn.password');
+  fs.writeFileSync(turnPasswordFile, 'not-used\n', { mode: 0o600 });
   env.writeDesired('proxy.yaml', manifest({}, EXAMPLE_USERS));
   env.writeDesired(
     'pools.yaml',
@@ -116,12 +156,15 @@ async function runningDaemon(t: ExecutionContext): Promise<Running> {
       { name: 'nodocker', engine: 'docker', image: 'polydev-coverage-test:latest', size: 1, maxSize: 1 },
     ]),
   );
+  env.writeDesired('turn.yaml', silentTurnServerYaml(await closedUdpPort(), turnPasswordFile));
   const cfgFile = env.writeConfig({
     desiredStateDir: env.desiredDir,
     docker: { socket: path.join(env.dir, 'missing-docker.sock'), network: 'none' },
     process: { runDir },
+    notify: { targets: [{ name: 'ops', format: 'alertmanager', url: receiver.url('/hook') }] },
   });
-  const daemon = await startDaemon(t, cfgFile);
+  // Degraded after 5 failures over 2 s rather than the default minute: the test waits for it.
+  const daemon = await startDaemon(t, cfgFile, { retries: { degraded: { afterFailures: 5, afterMs: 2_000 } } });
   const owner = installationId(daemon.store);
   t.teardown(async () => {
     await daemon.stop();
@@ -186,7 +229,7 @@ test('per-resource gauges follow the store: phase, Ready reason (EngineUnavailab
   }, WAIT_MS);
   t.is(metricValue(text, 'polydev_resource_ready', { kind: 'WarmPool', name: 'dev', reason: 'Converged' }), 1);
 
-  // The Docker pool: Ready=False with reason EngineUnavailable, and Degraded after 5 failures in a row.
+  // The Docker pool: Ready=False with reason EngineUnavailable, and Degraded after 5 failures in a row over 2 s.
   text = await waitFor('WarmPool/nodocker Degraded', async () => {
     const s = await scrape();
     return metricValue(s, 'polydev_resource_phase', { kind: 'WarmPool', name: 'nodocker', phase: 'Degraded' }) === 1 ? s : undefined;
@@ -194,4 +237,84 @@ test('per-resource gauges follow the store: phase, Ready reason (EngineUnavailab
   t.is(metricValue(text, 'polydev_resource_ready', { kind: 'WarmPool', name: 'nodocker', reason: 'EngineUnavailable' }), 0);
   t.is(metricValue(text, 'polydev_resource_phase', { kind: 'WarmPool', name: 'nodocker', phase: 'Backoff' }), undefined, 'the old phase is gone');
   t.is(metricValue(text, 'polydev_warm_pool_containers', { pool: 'nodocker', state: 'warm' }), undefined);
+});
+
+/** A scrape once the TurnServer has been probed (its series exist from its first reconcile, turn_up from its first probe). */
+async function scrapeAfterFirstProbe(scrape: () => Promise<string>): Promise<string> {
+  return waitFor('TurnServer/silent probed', async () => {
+    const s = await scrape();
+    return metricValue(s, 'polydev_turn_up', { server: 'silent' }) !== undefined ? s : undefined;
+  }, WAIT_MS);
+}
+
+test('promtool check metrics has nothing to say about the daemon\'s /metrics', async (t) => {
+  const promtool = requireBinary(PROMTOOL_BIN, 'prometheus');
+  // The check is not vacuous: a gauge named like a counter is reported.
+  const bad = await runTool(promtool, ['check', 'metrics'], 60_000, '# HELP x_total A gauge.\n# TYPE x_total gauge\nx_total 1\n');
+  t.not(bad.code, 0);
+  t.regex(bad.stdout + bad.stderr, /x_total non-counter metrics should not have "_total" suffix/);
+
+  const { scrape } = await runningDaemon(t);
+  const text = await scrapeAfterFirstProbe(scrape);
+  const r = await runTool(promtool, ['check', 'metrics'], 60_000, text);
+  t.is(r.stdout + r.stderr, '', 'promtool check metrics printed something');
+  t.is(r.code, 0);
+});
+
+test('every counter and histogram is exported at 0 for each label set it will carry, before its first event', async (t) => {
+  const { scrape } = await runningDaemon(t);
+  const text = await scrapeAfterFirstProbe(scrape);
+  const missing: string[] = [];
+  const expect = (name: string, labels: Record<string, string>): void => {
+    if (metricValue(text, name, labels) === undefined) missing.push(`${name}${JSON.stringify(labels)}`);
+  };
+  // Label sets fixed by the build and the configuration: every kind with a controller, results, engines, targets.
+  for (const kind of ['ProxyPool', 'ProxyPort', 'WarmPool', 'TurnServer']) {
+    for (const result of ['success', 'error']) expect('polydev_reconcile_total', { kind, result });
+    expect('polydev_reconcile_errors_total', { kind });
+    expect('polydev_reconcile_duration_seconds_count', { kind });
+  }
+  // Drift is found only by the kinds that converge on a plan.
+  for (const kind of ['ProxyPool', 'WarmPool']) expect('polydev_drift_total', { kind });
+  for (const result of ['success', 'error']) expect('polydev_iptables_restore_total', { result });
+  for (const result of ['applied', 'unchanged', 'rejected']) expect('polydev_desired_state_applies_total', { result });
+  for (const engine of ['docker', 'process']) {
+    for (const op of ['ping', 'list', 'start', 'remove', 'inject', 'recycle', 'update', 'rename']) {
+      for (const result of ['success', 'error']) expect('polydev_engine_operations_total', { engine, op, result });
+    }
+  }
+  for (const status of ['sent', 'failed', 'dropped']) expect('polydev_notifications_total', { target: 'ops', format: 'alertmanager', status });
+  // Label sets of resources: each WarmPool and TurnServer in the store.
+  for (const pool of ['dev', 'nodocker']) {
+    for (const result of ['warm', 'cold', 'rejected', 'exhausted', 'too_many', 'failed']) expect('polydev_claims_total', { pool, result });
+    for (const warm of ['true', 'false']) expect('polydev_claim_duration_seconds_count', { pool, warm });
+  }
+  for (const reason of ['unreachable', 'timeout', 'auth_rejected', 'allocation_refused', 'malformed', 'credentials']) {
+    expect('polydev_turn_probe_failures_total', { server: 'silent', reason });
+  }
+  expect('polydev_turn_restarts_total', { server: 'silent' });
+  for (const step of ['binding', 'allocate', 'release']) expect('polydev_turn_probe_duration_seconds_count', { server: 'silent', step });
+  t.deepEqual(missing, []);
+
+  // Whatever the lists above forget: no counter or histogram of the daemon's own is without a series
+  // (prom-client's process and Node.js metrics are its business).
+  const empty = [...families(text)]
+    .filter(([name, type]) => (type === 'counter' || type === 'histogram') && !/^polydev_(process|nodejs)_/.test(name))
+    .map(([name]) => name)
+    .filter((name) => !text.split('\n').some((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `) || l.startsWith(`${name}_`)));
+  t.deepEqual(empty, []);
+
+  // Nothing has happened to these yet, and they say so with a 0 rather than with no series.
+  t.is(metricValue(text, 'polydev_turn_restarts_total', { server: 'silent' }), 0);
+  t.is(metricValue(text, 'polydev_turn_probe_failures_total', { server: 'silent', reason: 'auth_rejected' }), 0);
+  t.is(metricValue(text, 'polydev_drift_total', { kind: 'ProxyPool' }), 0);
+  t.is(metricValue(text, 'polydev_reconcile_errors_total', { kind: 'ProxyPool' }), 0);
+  t.is(metricValue(text, 'polydev_claims_total', { pool: 'dev', result: 'warm' }), 0);
+  t.is(metricValue(text, 'polydev_iptables_restore_total', { result: 'error' }), 0);
+  t.is(metricValue(text, 'polydev_engine_operations_total', { engine: 'process', op: 'inject', result: 'success' }), 0);
+  t.is(metricValue(text, 'polydev_notifications_total', { target: 'ops', format: 'alertmanager', status: 'dropped' }), 0);
+  // The one probe so far failed: exactly one reason counts it.
+  const failures = ['unreachable', 'timeout', 'auth_rejected', 'allocation_refused', 'malformed', 'credentials']
+    .map((reason) => metricValue(text, 'polydev_turn_probe_failures_total', { server: 'silent', reason }) ?? 0);
+  t.is(failures.reduce((a, b) => a + b, 0), 1, `failures by reason: ${failures.join(',')}`);
 });

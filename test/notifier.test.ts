@@ -17,6 +17,7 @@ import { Store } from '../src/state/store.js';
 import { setCondition, type Condition } from '../src/state/types.js';
 import { openStore, within } from './helpers/unit-fixtures.js';
 import { startReceiver, type Answer } from './helpers/webhook-receiver.js';
+import { pollUntil } from './helpers/timing.js';
 
 const MIN = 60_000;
 const INSTANCE = 'test-host';
@@ -86,16 +87,6 @@ async function counter(metrics: Metrics, labels: Record<string, string>): Promis
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Polls cond until it holds; false after timeoutMs (the receiver sees a request before the notifier sees the answer). The deadline is a hang guard. */
-async function until(cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (await cond()) return true;
-    if (Date.now() >= deadline) return false;
-    await sleep(10);
-  }
-}
 
 test('a firing alert reaches an alertmanager-format and a slack-format target with their payload shapes', async (t) => {
   const { store } = openStore(t);
@@ -263,7 +254,7 @@ test('a receiver that answers 500 twice then 200 gets the notice, after growing 
   });
   await notifier.evaluateNow();
   const reqs = await flaky.waitFor(3, 30_000); // hang guard
-  t.true(await until(async () => (await counter(metrics, { target: 'flaky', status: 'sent' })) === 1));
+  t.true(await pollUntil(async () => (await counter(metrics, { target: 'flaky', status: 'sent' })) === 1));
   await sleep(100);
   t.is(flaky.received.length, 3, 'nothing more after the success');
   const d1 = reqs[1]!.at - reqs[0]!.at;
@@ -313,7 +304,7 @@ test('a receiver that never answers delays neither another target nor evaluateNo
   t.true(elapsed >= timeoutMs - 50, `evaluateNow returned after ${elapsed} ms`);
   t.is(await counter(metrics, { target: 'hang', status: 'failed' }), 1);
   t.true(lines.some((l) => l.includes(`timed out after ${timeoutMs} ms`)), 'the hanging request timed out');
-  t.true(await until(() => hang.received[0]!.closedAt !== undefined), 'the timed-out request was closed by the notifier');
+  t.true(await pollUntil(() => hang.received[0]!.closedAt !== undefined), 'the timed-out request was closed by the notifier');
 
   // The hanging target is retried (and hangs again); stop() aborts that request.
   const [, retry] = await hang.waitFor(2, 30_000); // hang guard
@@ -321,7 +312,7 @@ test('a receiver that never answers delays neither another target nor evaluateNo
   // stop() returned and the retried request is closed: by the abort, not by its timeout, which
   // would have closed it timeoutMs after it arrived. (Was: stop() under 500 ms of wall clock; no
   // benchmark under bench/ measures the notifier, none is needed for this.)
-  await until(() => retry!.closedAt !== undefined);
+  await pollUntil(() => retry!.closedAt !== undefined);
   t.true(retry!.closedAt! < retry!.at + timeoutMs, `the retried request was closed ${retry!.closedAt! - retry!.at} ms after it arrived`);
   t.is(await counter(metrics, { target: 'hang', status: 'failed' }), 1, 'an aborted request is not a failed delivery');
   const after = hang.received.length;
@@ -436,7 +427,7 @@ test('on its own timer (start()): fires once across many ticks, resolves by itse
   };
   const ticks = async (n: number) => {
     const target = evaluations + n;
-    t.true(await until(() => evaluations >= target), `${n} more evaluations (${evaluations} so far)`);
+    t.true(await pollUntil(() => evaluations >= target), `${n} more evaluations (${evaluations} so far)`);
   };
   notifier.start();
   await rx.waitFor(1, 30_000); // hang guard
@@ -468,7 +459,7 @@ test('429 with Retry-After is honoured over a shorter backoff', async (t) => {
   const reqs = await rx.waitFor(2, 30_000); // hang guard
   const gap = reqs[1]!.at - reqs[0]!.at;
   t.true(gap >= 950, `retried after ${gap} ms`);
-  t.true(await until(async () => (await counter(metrics, { target: 'limited', status: 'sent' })) === 1));
+  t.true(await pollUntil(async () => (await counter(metrics, { target: 'limited', status: 'sent' })) === 1));
   t.is(await counter(metrics, { target: 'limited', status: 'failed' }), 1);
 });
 

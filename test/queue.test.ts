@@ -1,7 +1,7 @@
 // The work queue (src/runtime/queue.ts): de-duplication, one worker per key, delays, backoff.
 
 import test from 'ava';
-import { backoffDelay, DEFAULT_BACKOFF, WorkQueue } from '../src/runtime/queue.js';
+import { backoffDelay, DEFAULT_BACKOFF, ItemExponentialBackoff, WorkQueue } from '../src/runtime/queue.js';
 import { eventually, within } from './helpers/unit-fixtures.js';
 
 /** get() that must resolve soon (a queued key is handed out at once). */
@@ -223,4 +223,122 @@ test('hooks report depth and adds', async (t) => {
   t.deepEqual(depths, [1, 2]);
   await next(q);
   t.is(depths[depths.length - 1], 1);
+});
+
+// ---- failure backoff (addRateLimited / retryNow) -------------------------------------------
+
+test('a key waiting out a backoff is not run by add(), however often; retryNow runs it at once', async (t) => {
+  const q = new WorkQueue();
+  t.teardown(() => q.shutDown());
+  q.add('WarmPool/openai');
+  t.is(await next(q), 'WarmPool/openai');
+  q.addRateLimited('WarmPool/openai', 60_000);
+  q.done('WarmPool/openai');
+  // The issue's burst: containers dying while dockerd shuts down, one event each.
+  for (let i = 0; i < 100; i++) q.add('WarmPool/openai');
+  t.true(q.isBackingOff('WarmPool/openai'));
+  t.is(q.depth, 0, 'every add was absorbed by the backoff');
+  t.is(q.delayed, 1, 'the one retry, when the backoff ends');
+  const waiting = q.get();
+  t.true(await stillWaiting(waiting, 100));
+  q.retryNow('WarmPool/openai');
+  t.is(await within(waiting, 1000, 'the key after retryNow'), 'WarmPool/openai');
+  t.false(q.isBackingOff('WarmPool/openai'));
+  t.is(q.delayed, 0, 'the backoff timer is gone: no second run later');
+});
+
+test('the backoff ends by itself: the key runs once, however many adds it absorbed', async (t) => {
+  const q = new WorkQueue();
+  t.teardown(() => q.shutDown());
+  q.addRateLimited('k', 40);
+  for (let i = 0; i < 10; i++) q.add('k');
+  t.is(await within(q.get(), 5000, 'k after its backoff'), 'k');
+  q.done('k');
+  t.true(await stillWaiting(q.get(), 120), 'k is not handed out a second time');
+});
+
+test('an event during the failing run is absorbed too: the run does not repeat at once', async (t) => {
+  const q = new WorkQueue();
+  t.teardown(() => q.shutDown());
+  q.add('k');
+  t.is(await next(q), 'k');
+  q.add('k'); // arrives while the worker has the key: would normally mean one more run after done
+  q.addRateLimited('k', 60_000); // the run failed
+  q.done('k');
+  t.is(q.depth, 0);
+  t.true(q.isBackingOff('k'));
+});
+
+test('retryNow while the key is being processed: the run in flight fails, and the key still runs again right after it', async (t) => {
+  const q = new WorkQueue();
+  t.teardown(() => q.shutDown());
+  q.add('k');
+  t.is(await next(q), 'k');
+  q.retryNow('k'); // the engine came back while this run (started before) was failing
+  q.addRateLimited('k', 60_000);
+  t.false(q.isBackingOff('k'), 'the failure of a run that started before the cause went away starts no backoff');
+  q.done('k');
+  t.is(q.depth, 1);
+  t.is(await next(q), 'k');
+  q.addRateLimited('k', 60_000);
+  q.done('k');
+  t.true(q.isBackingOff('k'), 'the next failure backs off as usual');
+});
+
+test('addAfter (a requeueAfter) does not cut a backoff short; add() cuts a requeueAfter short', async (t) => {
+  const q = new WorkQueue();
+  t.teardown(() => q.shutDown());
+  q.addAfter('ok', 60_000);
+  q.add('ok');
+  t.is(q.depth, 1);
+  t.is(q.delayed, 0);
+  t.is(await next(q), 'ok');
+  q.addRateLimited('failing', 60_000);
+  q.addAfter('failing', 10);
+  t.true(await stillWaiting(q.get(), 100), 'no run at the requeueAfter');
+  t.true(q.isBackingOff('failing'));
+});
+
+test('backoffs by an injected clock: a late timer does not hold a key past its deadline', (t) => {
+  let now = 1_000_000;
+  const q = new WorkQueue({}, () => now);
+  t.teardown(() => q.shutDown());
+  const table: Array<[at: number, expectQueued: boolean]> = [
+    [1_000_000, false],
+    [1_000_500, false],
+    [1_000_999, false],
+    [1_001_000, true], // the deadline: the event loop stalled and the timer has not fired yet
+  ];
+  q.addRateLimited('k', 1000);
+  t.is(q.backoffEnds('k'), 1_001_000);
+  for (const [at, expectQueued] of table) {
+    now = at;
+    q.add('k');
+    t.is(q.depth === 1, expectQueued, `add at +${at - 1_000_000} ms`);
+  }
+  t.is(q.delayed, 0, 'the stale timer is cancelled, so the key does not run twice');
+  t.is(q.backoffEnds('k'), undefined);
+});
+
+test('ItemExponentialBackoff: controller-runtime\'s per-item rate limiter', (t) => {
+  const r = new ItemExponentialBackoff({ baseMs: 5, capMs: 1000 });
+  const table: Array<[op: 'when' | 'forget', key: string, want: number]> = [
+    ['when', 'a', 5],
+    ['when', 'a', 10],
+    ['when', 'b', 5], // per item
+    ['when', 'a', 20],
+    ['forget', 'a', 0],
+    ['when', 'a', 5], // forgotten: from the base again
+    ['when', 'b', 10],
+  ];
+  for (const [op, key, want] of table) {
+    if (op === 'when') t.is(r.when(key), want, `${op} ${key}`);
+    else {
+      r.forget(key);
+      t.is(r.numRequeues(key), want);
+    }
+  }
+  for (let i = 0; i < 20; i++) r.when('c');
+  t.is(r.when('c'), 1000, 'capped');
+  t.is(r.numRequeues('c'), 21);
 });

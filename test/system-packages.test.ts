@@ -99,14 +99,14 @@ test('as root: installs exactly the missing packages, with services kept from st
 });
 
 test('as root: an existing policy-rc.d is left as it was', (t) => {
-  const f = fakeTools(t, ['coturn']);
+  const f = fakeTools(t, ['prometheus']);
   fs.writeFileSync(f.policy, '#!/bin/sh\nexit 104\n', { mode: 0o755 });
   const r = run(['start'], { ...f.env });
   t.is(r.code, 0, r.stderr);
-  t.false(fs.existsSync(f.aptLog), 'start does not need coturn');
+  t.false(fs.existsSync(f.aptLog), 'start does not need prometheus');
   const r2 = run(['test'], f.env);
   t.is(r2.code, 0, r2.stderr);
-  t.regex(fs.readFileSync(f.aptLog, 'utf8'), /install -y -qq --no-install-recommends coturn policy=104/);
+  t.regex(fs.readFileSync(f.aptLog, 'utf8'), /install -y -qq --no-install-recommends prometheus policy=104/);
   t.is(fs.readFileSync(f.policy, 'utf8'), '#!/bin/sh\nexit 104\n');
 });
 

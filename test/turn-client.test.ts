@@ -37,6 +37,7 @@ import {
   type TurnProbeResult,
 } from '../src/drivers/turn.js';
 import { startCoturn, type Coturn } from './helpers/coturn.js';
+import { controlTimer, pollUntil } from './helpers/timing.js';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -45,29 +46,6 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 // hung server costs the budget, and the tests about timeouts set their own, so this is a hang guard.
 // Probe speed is measured by bench/turn.ts (probe cost, binding and full allocation, UDP and TCP).
 const ANSWERED_TIMEOUT_MS = 20_000;
-
-/**
- * A timer of `ms` started now: `fired` says whether it ran. Event-loop time, not wall-clock: a stalled
- * loop delays it as much as the timers of the code under test, so "settled before it fired" holds under
- * any load when the code's own deadline timer is due first.
- */
-function control(t: ExecutionContext, ms: number): { readonly fired: boolean } {
-  let fired = false;
-  const timer = setTimeout(() => (fired = true), ms);
-  t.teardown(() => clearTimeout(timer));
-  return {
-    get fired() {
-      return fired;
-    },
-  };
-}
-
-/** Polls `cond` every 20 ms until it holds or `timeoutMs` (a hang guard) passes; returns its last value. */
-async function until(cond: () => boolean, timeoutMs = 10_000): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond() && Date.now() < deadline) await sleep(20);
-  return cond();
-}
 
 const hex = (...lines: string[]): Buffer => Buffer.from(lines.join('').replace(/\s+/g, ''), 'hex');
 
@@ -454,7 +432,8 @@ test('SIGSTOPped coturn: timeout within about timeoutMs (UDP and TCP), healthy a
     // "Within about timeoutMs": settled before a timer of timeoutMs + 400 ms started just before the probe
     // fires. Event-loop time, so a loaded machine (where 800 ms of wall clock can hold seconds of stalls)
     // delays both alike; a wall-clock upper bound failed there although the probe's deadline was right.
-    const late = control(t, timeoutMs + 400);
+    const late = controlTimer(timeoutMs + 400);
+    t.teardown(late.cancel);
     const t0 = performance.now();
     const r = await probeTurn(ltOpts(c, { transport, timeoutMs }));
     const ms = performance.now() - t0;
@@ -576,7 +555,7 @@ test.serial('no leaked sockets or timers after successful, timed-out and refused
   // "No more than before": something of startCoturn's still closing when `before` was taken is no leak.
   const kinds = ['UDPWRAP', 'UDPWrap', 'TCPSocketWrap', 'TCPWRAP', 'Timeout', 'TLSWrap'];
   let after = count();
-  await until(() => {
+  await pollUntil(() => {
     after = count();
     return kinds.every((k) => (after[k] ?? 0) <= (before[k] ?? 0));
   });
@@ -707,9 +686,10 @@ test('fake server: retransmissions never outlast timeoutMs; only garbage back is
   // "Never outlast": settled before a timer of timeoutMs + 100 ms started when the first transmission
   // arrives fires. The client armed its deadline (at most timeoutMs) before that send, so this holds in
   // event-loop time under any load; a wall-clock bound (ms < 900) failed on a loaded machine.
-  let late: { readonly fired: boolean } | undefined;
+  let late: ReturnType<typeof controlTimer> | undefined;
+  t.teardown(() => late?.cancel());
   const silent = await fakeServer(t, (_m, _reply, n) => {
-    if (n === 1) late = control(t, timeoutMs + 100);
+    if (n === 1) late = controlTimer(timeoutMs + 100);
   });
   const t0 = performance.now();
   const r = await probeTurn(fakeOpts(silent, { timeoutMs }));
@@ -726,7 +706,7 @@ test('fake server: retransmissions never outlast timeoutMs; only garbage back is
   const sends = Number(m?.[2]);
   t.is(sends, budget > 250 ? 2 : 1, r.error);
   // The server gets them all: the last may still be in its socket when the probe settles.
-  await until(() => silent.requests.length >= sends);
+  await pollUntil(() => silent.requests.length >= sends);
   await sleep(50);
   t.is(silent.requests.length, sends);
 
@@ -793,7 +773,7 @@ test('fake server: an authenticated Allocate that gets no answer in time is rele
   });
   const r = await probeTurn(fakeOpts(f, { timeoutMs: 1500 }));
   t.is(r.errorClass, 'timeout', r.error);
-  t.true(await until(() => refreshes(f).length === 1), 'a Refresh(0) followed the unanswered Allocate');
+  t.true(await pollUntil(() => refreshes(f).length === 1), 'a Refresh(0) followed the unanswered Allocate');
   const refresh = refreshes(f)[0]!;
   t.deepEqual(getAttribute(refresh, StunAttr.Lifetime), hex('00000000'));
   t.true(verifyMessageIntegrity(refresh, FAKE_KEY), 'authenticated with the allocation\'s key');

@@ -1,6 +1,10 @@
 // The TurnServer health machine (src/controllers/turnserver/machine.ts), event by event: no server.
 
 import test from 'ava';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import YAML from 'yaml';
 import {
   initialTurnSnapshot,
   isHealthy,
@@ -8,6 +12,7 @@ import {
   phaseOf,
   restartDueAt,
   restoreTurnSnapshot,
+  turnServerMachine,
   type ProbeErrorClass,
   type RestartPolicy,
   type TurnEvent,
@@ -145,4 +150,15 @@ test('a persisted snapshot restores (a restarted daemon resumes); garbage starts
   t.is(phaseOf(restoreTurnSnapshot({ value: 'NoSuchState', context: {} })), 'Unknown');
   t.is(phaseOf(restoreTurnSnapshot('nonsense')), 'Unknown');
   t.is(phaseOf(restoreTurnSnapshot(undefined)), 'Unknown');
+});
+
+test('the CRD\'s status.phase description names exactly the machine\'s phases', (t) => {
+  const file = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', 'crds', 'turnserver.yaml');
+  const crd = YAML.parse(fs.readFileSync(file, 'utf8')) as {
+    spec: { versions: Array<{ schema: { openAPIV3Schema: { properties: { status: { properties: { phase: { description: string } } } } } } }> };
+  };
+  const description = crd.spec.versions[0]!.schema.openAPIV3Schema.properties.status.properties.phase.description;
+  // Each phase is listed as "Name (what it means)" or "Name,".
+  const listed = [...description.matchAll(/\b([A-Z][A-Za-z]+)(?= \(|,)/g)].map((m) => m[1]!);
+  t.deepEqual(listed.sort(), Object.keys(turnServerMachine.states).sort(), description);
 });

@@ -137,6 +137,11 @@ test('a hang (SIGSTOP) is detected after failureThreshold timed-out probes, the 
   const c = await startCoturn(t, { mode: 'longTerm' });
   const p = await turnEnv(t, (env) => [turnDoc(env, c, 'hang', restartCommand(c))]);
   await waitFor('Healthy', phaseIs(p, 'hang', 'Healthy'), 20_000);
+  // Before any restart or timeout the counters are there at 0 (a series that appears at 1 is an
+  // increase() of 0 to Prometheus); after, the restart counts 1.
+  const before = await (await fetch(`${p.daemon.address}/metrics`)).text();
+  t.is(metricValue(before, 'polydev_turn_restarts_total', { server: 'hang' }), 0);
+  t.not(metricValue(before, 'polydev_turn_probe_failures_total', { server: 'hang', reason: 'timeout' }), undefined);
   const oldPid = c.pid;
   c.pause();
   // Detection takes 3 probes of (1 s interval + 2 s timeout), about 9 s; how fast it is measured
@@ -192,6 +197,8 @@ test('a server gone for good is Failed after the restart budget, and restarts st
   const metrics = await (await fetch(`${p.daemon.address}/metrics`)).text();
   t.is(metricValue(metrics, 'polydev_turn_up', { server: 'gone' }), undefined);
   t.is(metricValue(metrics, 'polydev_turn_restarts_total', { server: 'gone' }), undefined);
+  t.is(metricValue(metrics, 'polydev_turn_probe_failures_total', { server: 'gone' }), undefined);
+  t.is(metricValue(metrics, 'polydev_turn_probe_duration_seconds_count', { server: 'gone' }), undefined);
 });
 
 test('an unreadable secret file is CredentialsUnavailable: nothing probed, nothing restarted', async (t) => {

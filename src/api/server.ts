@@ -138,6 +138,7 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
       port: body.port,
       pool: body.pool,
     });
+    if (out.created) deps.logger.info('proxy port assigned', { resource: `ProxyPort/${out.resource.metadata.name}`, user: out.resource.spec.userId, port: out.port, pool: out.resource.spec.pool ?? 'default' });
     return reply.code(out.created ? 201 : 200).send({
       userId: out.resource.spec.userId,
       sourceIP: out.resource.spec.sourceIP,
@@ -170,6 +171,7 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
     const { userId } = req.params as { userId: string };
     const res = removeUserPort(store, userId);
     if (!res) throw new ApiError(404, 'NOT_FOUND', `user ${userId} has no ProxyPort`);
+    deps.logger.info('proxy port deletion requested', { resource: `ProxyPort/${res.metadata.name}`, user: userId });
     return reply.code(202).send({ userId, name: res.metadata.name, status: 'deleting' });
   });
 
@@ -185,6 +187,9 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
       }
     }
     const out = await deps.claims.claim(pool, body as unknown as ClaimInput);
+    // Who got what, never the credentials the body carried.
+    deps.logger.info('claim granted', { resource: `WarmPool/${out.pool}`, claim: out.claimId, user: out.userId, container: out.container.name,
+      warm: out.warm, latencyMs: Math.round(out.latencyMs), expiresAt: out.expiresAt });
     return reply.code(201).send(out);
   });
   app.get('/api/v1/pools/:pool/stats', async (req) => deps.claims.stats((req.params as { pool: string }).pool));
@@ -205,7 +210,9 @@ export function buildApi(deps: ApiDeps): FastifyInstance {
   app.get('/api/v1/claims/:id', async (req) => claimObject(deps.claims.get((req.params as { id: string }).id)));
   app.delete('/api/v1/claims/:id', { preHandler: requireToken }, async (req) => {
     const claim = deps.claims.release((req.params as { id: string }).id);
-    return claimObject(claim);
+    const released = claimObject(claim);
+    deps.logger.info('claim released', { resource: `WarmPool/${claim.pool}`, claim: claim.id, user: claim.userId, state: released.state });
+    return released;
   });
 
   // ---- ICE servers (TURN) ---------------------------------------------------

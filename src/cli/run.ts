@@ -33,7 +33,7 @@ async function runOnce(cfg: Config, ctx: CliContext): Promise<number> {
     import('../util/duration.js'),
   ]);
   const { io } = ctx;
-  const daemon = new Daemon(cfg, { serveApi: false, logger: createLogger(cfg.logLevel, 'stderr') });
+  const daemon = new Daemon(cfg, { serveApi: false, logger: createLogger(cfg.logLevel, 'stderr', cfg.logFormat) });
   await daemon.start();
   try {
     const report = await daemon.waitConverged(cfg.onceTimeoutMs);

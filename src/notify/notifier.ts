@@ -10,7 +10,7 @@
 
 import os from 'node:os';
 import type { Logger } from '../observability/logger.js';
-import type { Metrics } from '../observability/metrics.js';
+import { NOTIFICATION_STATUSES, type Metrics } from '../observability/metrics.js';
 import type { Store } from '../state/store.js';
 import { alertmanagerPayload, slackPayload, type NoticeGroup } from './payloads.js';
 import { evaluateAlerts, reconcileErrorRatios, RULES, type AlertInputs, type ReconcileSample } from './rules.js';
@@ -317,6 +317,10 @@ export class Notifier {
     this.metrics = opts.metrics;
     this.instance = opts.instance ?? os.hostname();
     this.senders = opts.targets.map((t) => new TargetSender({ ...t }, this));
+    // Counted from 0 for every target (see metrics.ts).
+    for (const t of opts.targets) {
+      for (const status of NOTIFICATION_STATUSES) this.metrics.notificationsTotal.inc({ target: t.name, format: t.format, status }, 0);
+    }
   }
 
   now(): number {

@@ -28,15 +28,49 @@ const redactFormat = winston.format((info) => {
   return info;
 });
 
+export type LogFormat = 'auto' | 'json' | 'text';
+
+/** A value in a text line: bare when it is one word, else JSON-quoted, so a line stays one line. */
+function textValue(v: unknown): string {
+  if (typeof v === 'string') return /^[^\s"=]+$/.test(v) ? v : JSON.stringify(v);
+  return JSON.stringify(v) ?? String(v);
+}
+
 /**
- * JSON lines, one per entry: journald and log shippers take them as they are.
- * The daemon logs to stdout; CLI commands log to stderr so their output stays clean.
+ * For a person at a terminal: local time, level, the resource, the message, then the other
+ * fields as key=value (sorted, so the same entry reads the same way each time).
  */
-/** JSON lines to stdout, stderr, or any writable stream (tests read what was logged). */
-export function createLogger(level: LogLevel, stream: 'stdout' | 'stderr' | NodeJS.WritableStream = 'stdout'): Logger {
+const textFormat = winston.format.printf((info) => {
+  const { level, message, timestamp, resource, ...rest } = info as Record<string, unknown>;
+  const at = new Date(typeof timestamp === 'string' ? timestamp : Date.now());
+  const time = `${String(at.getHours()).padStart(2, '0')}:${String(at.getMinutes()).padStart(2, '0')}:${String(at.getSeconds()).padStart(2, '0')}.${String(at.getMilliseconds()).padStart(3, '0')}`;
+  const fields = Object.keys(rest)
+    .filter((k) => typeof k === 'string' && rest[k] !== undefined)
+    .sort()
+    .map((k) => `${k}=${textValue(rest[k])}`);
+  return [time, String(level).toUpperCase().padEnd(5), ...(resource ? [String(resource)] : []), String(message), ...fields].join(' ');
+});
+
+/** Whether `auto` means text: only when the log goes to a terminal. */
+export function resolveLogFormat(format: LogFormat, stream: 'stdout' | 'stderr' | NodeJS.WritableStream): 'json' | 'text' {
+  if (format !== 'auto') return format;
+  const target = stream === 'stdout' ? process.stdout : stream === 'stderr' ? process.stderr : stream;
+  return (target as { isTTY?: boolean }).isTTY === true ? 'text' : 'json';
+}
+
+/**
+ * One entry per line: JSON (journald and log shippers take it as it is) or, at a terminal, text
+ * for a person (see LogFormat). The daemon logs to stdout; CLI commands log to stderr so their
+ * output stays clean; tests pass any writable stream and read what was logged.
+ */
+export function createLogger(level: LogLevel, stream: 'stdout' | 'stderr' | NodeJS.WritableStream = 'stdout', format: LogFormat = 'json'): Logger {
   return winston.createLogger({
     level,
-    format: winston.format.combine(redactFormat(), winston.format.timestamp(), winston.format.json()),
+    format: winston.format.combine(
+      redactFormat(),
+      winston.format.timestamp(),
+      resolveLogFormat(format, stream) === 'text' ? textFormat : winston.format.json(),
+    ),
     transports: [
       typeof stream === 'string'
         ? new winston.transports.Console({ stderrLevels: stream === 'stderr' ? ['error', 'warn', 'info', 'debug'] : [] })

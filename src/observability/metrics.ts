@@ -10,6 +10,34 @@ export interface ResourceStatusRow {
   reason: string;
 }
 
+// Counters (and histograms, whose _count and _bucket are counters) are exported at 0 for every label
+// set they will carry before its first event: Prometheus's increase() and rate() see a series that
+// appears already at 1 as having started there, and the first event would be lost. Closed label
+// sets are created here; sets that depend on configuration or resources are created by the code
+// that learns of them (Manager: kinds; EngineSet: engines; Notifier: targets; TurnServer controller:
+// servers; the scrape below: WarmPools), and a resource's series go with it, as its gauges do.
+
+/** result of polydev_reconcile_total. */
+export const RECONCILE_RESULTS = ['success', 'error'] as const;
+/** result of polydev_iptables_restore_total. */
+export const IPTABLES_RESTORE_RESULTS = ['success', 'error'] as const;
+/** result of polydev_desired_state_applies_total. */
+export const DESIRED_STATE_APPLY_RESULTS = ['applied', 'unchanged', 'rejected'] as const;
+/** result of polydev_claims_total. */
+export const CLAIM_RESULTS = ['warm', 'cold', 'rejected', 'exhausted', 'too_many', 'failed'] as const;
+/** result of polydev_engine_operations_total. */
+export const ENGINE_OPERATION_RESULTS = ['success', 'error'] as const;
+/** status of polydev_notifications_total. */
+export const NOTIFICATION_STATUSES = ['sent', 'failed', 'dropped'] as const;
+
+/** prom-client's process_* and nodejs_* metrics, as polydev_process_* and polydev_nodejs_* (the dashboard's names). */
+const DEFAULT_METRICS_PREFIX = 'polydev_';
+/**
+ * prom-client's default metrics that promtool rejects: gauges named *_total (a suffix reserved for
+ * counters). The same numbers are the sum over `type` of nodejs_active_{handles,requests,resources}.
+ */
+const MISNAMED_DEFAULT_METRICS = ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'];
+
 /** Every metric the daemon exports, on a registry of its own (so tests can run several daemons in one process). */
 export class Metrics {
   readonly registry = new Registry();
@@ -36,7 +64,7 @@ export class Metrics {
 
   readonly reconcileTotal = new Counter({
     name: 'polydev_reconcile_total',
-    help: 'Reconciles by kind and result (success, error, requeue).',
+    help: 'Reconciles by kind and result (success, error).',
     labelNames: ['kind', 'result'] as const,
     registers: [this.registry],
   });
@@ -215,11 +243,13 @@ export class Metrics {
     if (!this.storeGate()) return;
     for (const p of this.poolSizeSource()) gauge.set({ pool: p.pool }, p[which]);
   }
+  /** Its series and claimDuration's follow the WarmPools in the store, read when scraped (see exportPoolSeries). */
   readonly claimsTotal = new Counter({
     name: 'polydev_claims_total',
-    help: 'Claim requests by pool and result (warm, cold, exhausted, too_many, failed).',
+    help: 'Claim requests by pool and result (warm, cold, rejected, exhausted, too_many, failed).',
     labelNames: ['pool', 'result'] as const,
     registers: [this.registry],
+    collect: () => this.exportPoolSeries(),
   });
   readonly claimDuration = new Histogram({
     name: 'polydev_claim_duration_seconds',
@@ -227,7 +257,33 @@ export class Metrics {
     labelNames: ['pool', 'warm'] as const,
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers: [this.registry],
+    collect: () => this.exportPoolSeries(),
   });
+  /** WarmPools whose claim series exist. */
+  private readonly exportedPools = new Set<string>();
+
+  /**
+   * Claim series at 0 for every WarmPool in the store, and none for a pool that is gone (as with
+   * the pool gauges above). A claim can only name a pool in the store, so a pool is here before
+   * its first claim is counted, except one created and claimed between two scrapes.
+   */
+  private exportPoolSeries(): void {
+    if (!this.poolSizeSource || !this.storeGate()) return;
+    const pools = new Set(this.poolSizeSource().map((p) => p.pool));
+    for (const pool of this.exportedPools) {
+      if (pools.has(pool)) continue;
+      for (const result of CLAIM_RESULTS) this.claimsTotal.remove({ pool, result });
+      for (const warm of ['true', 'false']) this.claimDuration.remove({ pool, warm });
+      this.exportedPools.delete(pool);
+    }
+    for (const pool of pools) {
+      if (this.exportedPools.has(pool)) continue;
+      for (const result of CLAIM_RESULTS) this.claimsTotal.inc({ pool, result }, 0);
+      // zero() would reset a series that has observations: only a pool not yet exported gets it.
+      for (const warm of ['true', 'false']) this.claimDuration.zero({ pool, warm });
+      this.exportedPools.add(pool);
+    }
+  }
   readonly turnUp = new Gauge({
     name: 'polydev_turn_up',
     help: '1 while a TurnServer is healthy (its last probe succeeded or failures are under the threshold), else 0.',
@@ -255,7 +311,7 @@ export class Metrics {
   });
   readonly engineOperations = new Counter({
     name: 'polydev_engine_operations_total',
-    help: 'Calls to a container engine by engine, operation (list, start, remove, inject, recycle, update) and result (success, error).',
+    help: 'Calls to a container engine by engine, operation (ping, list, start, remove, inject, recycle, update, rename) and result (success, error).',
     labelNames: ['engine', 'op', 'result'] as const,
     registers: [this.registry],
   });
@@ -279,6 +335,11 @@ export class Metrics {
   });
 
   constructor(opts: { processMetrics?: boolean } = {}) {
-    if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'polydev_' });
+    for (const result of IPTABLES_RESTORE_RESULTS) this.iptablesRestoreTotal.inc({ result }, 0);
+    for (const result of DESIRED_STATE_APPLY_RESULTS) this.desiredStateApplies.inc({ result }, 0);
+    if (opts.processMetrics ?? true) {
+      collectDefaultMetrics({ register: this.registry, prefix: DEFAULT_METRICS_PREFIX });
+      for (const name of MISNAMED_DEFAULT_METRICS) this.registry.removeSingleMetric(DEFAULT_METRICS_PREFIX + name);
+    }
   }
 }

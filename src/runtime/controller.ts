@@ -13,8 +13,19 @@ export interface ControllerContext {
   logger: Logger;
   metrics: Metrics;
   recorder: EventRecorder;
-  /** Puts a key of any kind on the work queue (watches call this). */
+  /**
+   * Puts a key of any kind on the work queue (watches call this). A key waiting out a failure
+   * backoff is not run before the backoff ends: an event is no reason to try a failing key again.
+   */
   enqueue(kind: string, name: string, afterMs?: number): void;
+  /**
+   * The cause of the key's failures is gone (its engine is reachable again): ends its backoff,
+   * starts its failure count over, says so in its status, and runs it now. `why` completes
+   * "retrying now: …" (e.g. "the docker engine is reachable again"). With resetFailures false the
+   * key is run now but its failure streak goes on (something changed that may or may not be the
+   * cause: a failure now still counts toward Degraded).
+   */
+  retryNow(kind: string, name: string, why: string, opts?: { resetFailures?: boolean }): void;
 }
 
 export interface Watch {
@@ -77,6 +88,12 @@ export interface ConvergingController<Desired, Observed, Action> {
    * condition's reason and the event's reason instead of the generic SyncFailed/Degraded.
    */
   failureReason?(run: SettledRun<Desired, Observed>): string | undefined;
+  /**
+   * True when the controller reports this failure's cause itself, once for every resource it
+   * affects (one warning for an engine outage, not one per pool and retry): the manager then
+   * logs the failure at debug. The event is recorded all the same.
+   */
+  reportsFailureItself?(run: SettledRun<Desired, Observed>): boolean;
   /** Ask for another reconcile after this long even when Ready (e.g. DNS re-resolution). */
   requeueAfterMs?(run: SettledRun<Desired, Observed>): number | undefined;
   start?(ctx: ControllerContext): void;

@@ -16,8 +16,35 @@ export interface ObserveOutput {
 
 const output = (event: unknown) => (event as { output: ObserveOutput }).output;
 
+/**
+ * When repeated failures make a resource Degraded (a condition and an alert, not just a retry):
+ * at least afterFailures failures in a row AND the first of them at least afterMs ago. The count
+ * alone would say nothing about time: a burst of retries (or a short backoff) reaches any count
+ * within seconds, while a dockerd restart of half a minute is not worth paging anyone.
+ */
+export interface DegradedPolicy {
+  afterFailures: number;
+  afterMs: number;
+}
+
+/**
+ * 5 failures over at least a minute. With the default backoff (200 ms doubling) the fifth failure
+ * comes 3 s into an outage; the first failure past a minute, the 10th, about 100 s into it. An
+ * engine or network blip of under a minute (a dockerd restart takes 5-30 s) stays in Backoff.
+ */
+export const DEFAULT_DEGRADED: DegradedPolicy = { afterFailures: 5, afterMs: 60_000 };
+
+/** Pure: whether a streak of `failures` failures, the first `failingForMs` ago, is Degraded. */
+export function isDegraded(failures: number, failingForMs: number, policy: DegradedPolicy = DEFAULT_DEGRADED): boolean {
+  return failures >= policy.afterFailures && failingForMs >= policy.afterMs;
+}
+
 export interface ConvergenceContext {
   failures: number;
+  /** Epoch ms of the run that failed first in the current streak; null when not failing. */
+  failingSince: number | null;
+  /** Epoch ms at which the current (or last) run started (RECONCILE's `at`). */
+  runAt: number;
   lastError: string | null;
   /** The last observation's plan: its size and the first few descriptions. */
   changes: number;
@@ -32,11 +59,26 @@ export interface ConvergenceContext {
   /** Set during a run in which drift was found (from Ready to a non-empty plan). */
   driftDetected: boolean;
   driftPolicy: DriftPolicy;
+  /** DegradedPolicy.afterFailures. */
   degradedAfter: number;
+  /** DegradedPolicy.afterMs. */
+  degradedAfterMs: number;
 }
 
 export type ConvergenceEvent =
-  | { type: 'RECONCILE'; driftPolicy: DriftPolicy }
+  | {
+      type: 'RECONCILE';
+      driftPolicy: DriftPolicy;
+      /** Epoch ms of this run (default now): failures are counted in time from it. */
+      at?: number;
+      /** Overrides the policy the machine was created (or persisted) with. */
+      degraded?: DegradedPolicy;
+      /**
+       * The cause of the failure streak is gone (the engine is back, the spec changed): this run
+       * starts a new streak, so a failure now is the first again (Backoff, base delay).
+       */
+      fresh?: boolean;
+    }
   | { type: 'DELETE' };
 
 /** States in which a run stops and the snapshot is persisted: nothing is in flight there. */
@@ -52,7 +94,8 @@ const notProvided = <T>(what: string) =>
  * The life of one converging resource (WarmPool, ProxyPool, …):
  *
  *   Pending → Observing → Converging → Verifying → Ready ⇄ (Observing) → Drifted | Converging
- *   any failure → Backoff → Observing; `degradedAfter` failures in a row → Degraded
+ *   any failure → Backoff → Observing; `degradedAfter` failures in a row, the first at least
+ *   `degradedAfterMs` ago → Degraded; a RECONCILE marked `fresh` starts the count over
  *   DELETE → Terminating → Deleted (teardown failure → TerminatingBackoff → Terminating)
  *
  * Only settled states are persisted. A daemon that died mid-run restores the last settled
@@ -62,7 +105,7 @@ export const convergenceMachine = setup({
   types: {
     context: {} as ConvergenceContext,
     events: {} as ConvergenceEvent,
-    input: {} as { degradedAfter?: number } | undefined,
+    input: {} as { degradedAfter?: number; degradedAfterMs?: number } | undefined,
   },
   actors: {
     observe: notProvided<ObserveOutput>('observe'),
@@ -70,12 +113,21 @@ export const convergenceMachine = setup({
     teardown: notProvided<void>('teardown'),
   },
   actions: {
-    beginRun: assign(({ event }) => ({
-      driftDetected: false,
-      driftChanges: 0,
-      driftSummary: [],
-      driftPolicy: event.type === 'RECONCILE' ? event.driftPolicy : 'correct',
-    })),
+    beginRun: assign(({ context, event }) => {
+      const run = event.type === 'RECONCILE' ? event : undefined;
+      return {
+        driftDetected: false,
+        driftChanges: 0,
+        driftSummary: [],
+        driftPolicy: run?.driftPolicy ?? 'correct',
+        runAt: run?.at ?? Date.now(),
+        degradedAfter: run?.degraded?.afterFailures ?? context.degradedAfter,
+        // Snapshots persisted before degradedAfterMs existed lack it.
+        degradedAfterMs: run?.degraded?.afterMs ?? context.degradedAfterMs ?? DEFAULT_DEGRADED.afterMs,
+        failures: run?.fresh ? 0 : context.failures,
+        failingSince: run?.fresh ? null : (context.failingSince ?? null),
+      };
+    }),
     recordPlan: assign({ changes: ({ event }) => output(event).changes, summary: ({ event }) => output(event).summary }),
     markDrift: assign(({ context, event }) => {
       const drift = context.wasReady && !context.wasDrifted && !output(event).desiredChanged;
@@ -96,13 +148,19 @@ export const convergenceMachine = setup({
     converged: ({ event }) => output(event).changes === 0,
     ignoreDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'ignore',
     leaveDrift: ({ context, event }) => context.wasReady && !output(event).desiredChanged && context.driftPolicy === 'warn',
-    tooManyFailures: ({ context }) => context.failures >= context.degradedAfter,
+    tooManyFailures: ({ context }) =>
+      isDegraded(context.failures, context.runAt - (context.failingSince ?? context.runAt), {
+        afterFailures: context.degradedAfter,
+        afterMs: context.degradedAfterMs,
+      }),
   },
 }).createMachine({
   id: 'convergence',
   initial: 'Pending',
   context: ({ input }) => ({
     failures: 0,
+    failingSince: null,
+    runAt: 0,
     lastError: null,
     changes: 0,
     summary: [],
@@ -112,10 +170,12 @@ export const convergenceMachine = setup({
     wasDrifted: false,
     driftDetected: false,
     driftPolicy: 'correct',
-    degradedAfter: input?.degradedAfter ?? 5,
+    degradedAfter: input?.degradedAfter ?? DEFAULT_DEGRADED.afterFailures,
+    degradedAfterMs: input?.degradedAfterMs ?? DEFAULT_DEGRADED.afterMs,
   }),
   on: {
-    DELETE: { target: '.Terminating' },
+    // A deletion is a new cause: its teardown failures count from zero (TerminatingBackoff keeps its own count).
+    DELETE: { target: '.Terminating', actions: assign({ failures: 0, failingSince: null }) },
   },
   states: {
     Pending: { on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } } },
@@ -160,11 +220,16 @@ export const convergenceMachine = setup({
       },
     },
     Failing: {
-      entry: assign({ failures: ({ context }) => context.failures + 1, wasReady: false, wasDrifted: false }),
+      entry: assign({
+        failures: ({ context }) => context.failures + 1,
+        failingSince: ({ context }) => context.failingSince ?? context.runAt,
+        wasReady: false,
+        wasDrifted: false,
+      }),
       always: [{ guard: 'tooManyFailures', target: 'Degraded' }, { target: 'Backoff' }],
     },
     Ready: {
-      entry: assign({ failures: 0, lastError: null, wasReady: true, wasDrifted: false }),
+      entry: assign({ failures: 0, failingSince: null, lastError: null, wasReady: true, wasDrifted: false }),
       on: { RECONCILE: { target: 'Observing', actions: 'beginRun' } },
     },
     Drifted: {
@@ -180,7 +245,7 @@ export const convergenceMachine = setup({
         onError: { target: 'TerminatingBackoff', actions: ['recordError', assign({ failures: ({ context }) => context.failures + 1 })] },
       },
     },
-    TerminatingBackoff: { on: { RECONCILE: { target: 'Terminating' } } },
+    TerminatingBackoff: { on: { RECONCILE: { target: 'Terminating' }, DELETE: { target: 'Terminating' } } },
     Deleted: { type: 'final' },
   },
 });

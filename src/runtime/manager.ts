@@ -1,6 +1,6 @@
 import { createActor, fromPromise, waitFor, type SnapshotFrom } from 'xstate';
 import type { Logger } from '../observability/logger.js';
-import type { Metrics } from '../observability/metrics.js';
+import { RECONCILE_RESULTS, type Metrics } from '../observability/metrics.js';
 import type { Store } from '../state/store.js';
 import {
   setCondition,
@@ -11,9 +11,11 @@ import {
 } from '../state/types.js';
 import {
   convergenceMachine,
+  DEFAULT_DEGRADED,
   SETTLED_STATES,
   SUMMARY_LIMIT,
   type ConvergenceContext,
+  type DegradedPolicy,
   type DriftPolicy,
   type ObserveOutput,
 } from './convergence-machine.js';
@@ -26,8 +28,7 @@ import {
   type SettledRun,
   type SimpleController,
 } from './controller.js';
-import { backoffDelay, DEFAULT_BACKOFF, WorkQueue, type BackoffPolicy } from './queue.js';
-import { formatDuration } from '../util/duration.js';
+import { backoffDelay, DEFAULT_BACKOFF, ItemExponentialBackoff, WorkQueue, type BackoffPolicy } from './queue.js';
 import { relieveMemoryAfterBurst } from '../util/memory.js';
 import { wireStatusMetrics } from './status-metrics.js';
 
@@ -39,6 +40,8 @@ export interface ManagerOptions {
   workers: number;
   resyncIntervalMs: number;
   backoff?: BackoffPolicy;
+  /** When a failing converging resource becomes Degraded (default DEFAULT_DEGRADED: 5 failures over at least a minute). */
+  degraded?: DegradedPolicy;
   /** How often to look for changes other processes (the CLI) wrote to the store. */
   changePollMs?: number;
   /** A single run (observe, act, verify) that takes longer than this fails. */
@@ -58,11 +61,35 @@ export interface ConvergenceReport {
 
 type Snapshot = SnapshotFrom<typeof convergenceMachine>;
 
+type LogLevel = 'error' | 'warn' | 'info' | 'debug';
+
+const FAILED_STATES = new Set(['Backoff', 'Degraded', 'TerminatingBackoff']);
+
 const key = (kind: string, name: string) => `${kind}/${name}`;
+
+/** 850 ms, 12.5 s, 4m10s: a delay as a person reads it. */
+export function formatDelay(ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1).replace(/\.0$/, '')} s`;
+  const totalSeconds = Math.round(ms / 1000);
+  const h = Math.floor(totalSeconds / 3600);
+  const m = Math.floor((totalSeconds % 3600) / 60);
+  const sec = totalSeconds % 60;
+  return h > 0 ? `${h}h${m}m${sec}s` : `${m}m${sec}s`;
+}
+
 const splitKey = (k: string): [string, string] => {
   const i = k.indexOf('/');
   return [k.slice(0, i), k.slice(i + 1)];
 };
+
+/** A controlled kind's reconcile series at 0 before its first reconcile (see metrics.ts); drift only where it can be found. */
+function exportKindSeries(metrics: Metrics, kind: string, converging: boolean): void {
+  for (const result of RECONCILE_RESULTS) metrics.reconcileTotal.inc({ kind, result }, 0);
+  metrics.reconcileErrors.inc({ kind }, 0);
+  metrics.reconcileDuration.zero({ kind });
+  if (converging) metrics.driftTotal.inc({ kind }, 0);
+}
 
 /**
  * The machinery that every kind shares (controller-runtime's Manager): the work queue and its
@@ -76,6 +103,15 @@ export class Manager {
   private readonly ctx: ControllerContext;
   private readonly recorder: EventRecorder;
   private readonly backoff: BackoffPolicy;
+  private readonly degraded: DegradedPolicy;
+  /** Failure counts of keys whose controller has no convergence machine to count them. */
+  private readonly simpleBackoff: ItemExponentialBackoff;
+  /** Keys whose last run failed → what that run was for: a newer generation or a deletion since is a reason to retry at once. */
+  private readonly failing = new Map<string, FailedFor>();
+  /** Keys whose failure cause went away (retryNow): their next run starts a new failure streak. */
+  private readonly fresh = new Map<string, string>();
+  /** The last failure logged per key (reason and message): the same failure again is logged at debug only. */
+  private readonly lastFailureLogged = new Map<string, string>();
   private workers: Array<Promise<void>> = [];
   private resyncTimer: NodeJS.Timeout | undefined;
   private pollTimer: NodeJS.Timeout | undefined;
@@ -93,6 +129,8 @@ export class Manager {
 
   constructor(private readonly opts: ManagerOptions) {
     this.backoff = opts.backoff ?? DEFAULT_BACKOFF;
+    this.degraded = opts.degraded ?? DEFAULT_DEGRADED;
+    this.simpleBackoff = new ItemExponentialBackoff(this.backoff);
     // polydev_resource_phase, polydev_resource_ready, polydev_warm_pool_{desired,max}_size: read from the store at scrape time.
     wireStatusMetrics(opts.metrics, opts.store);
     this.queue = new WorkQueue({
@@ -100,11 +138,8 @@ export class Manager {
       onAdd: () => opts.metrics.workqueueAdds.inc(),
     });
     this.recorder = {
-      record: (kind, name, type, reason, message) => {
-        opts.store.recordEvent({ kind, name, type, reason, message });
-        const log = type === 'Warning' ? opts.logger.warn.bind(opts.logger) : opts.logger.info.bind(opts.logger);
-        log(message, { event: reason, resource: key(kind, name) });
-      },
+      record: (kind, name, type, reason, message) =>
+        this.recordEvent(kind, name, type, reason, message, type === 'Warning' ? 'warn' : 'info'),
     };
     this.ctx = {
       store: opts.store,
@@ -113,9 +148,11 @@ export class Manager {
       recorder: this.recorder,
       enqueue: (kind, name, afterMs) =>
         afterMs ? this.queue.addAfter(key(kind, name), afterMs) : this.queue.add(key(kind, name)),
+      retryNow: (kind, name, why, o) => this.retryNow(kind, name, why, o),
     };
     for (const c of opts.controllers) {
       this.controllers.set(c.kind, c);
+      exportKindSeries(opts.metrics, c.kind, isConverging(c));
       for (const w of c.watches ?? []) {
         const list = this.watchers.get(w.kind) ?? [];
         list.push({ controller: c, map: w.map });
@@ -126,6 +163,73 @@ export class Manager {
 
   get events(): EventRecorder {
     return this.recorder;
+  }
+
+  /** Records an event and logs it at `level` (failures repeated by retries are logged at debug). */
+  private recordEvent(kind: string, name: string, type: EventType, reason: string, message: string, level: LogLevel): void {
+    this.opts.store.recordEvent({ kind, name, type, reason, message });
+    this.opts.logger.log(level, message, { event: reason, resource: key(kind, name) });
+  }
+
+  /**
+   * The level for logging a failure of key k: warn (or error) the first time and whenever the
+   * failure changes, debug while the same failure repeats with each retry.
+   */
+  private failureLogLevel(k: string, reason: string, message: string, level: 'warn' | 'error', reportedElsewhere = false): LogLevel {
+    const signature = `${reason}\u0000${message}`;
+    const repeated = this.lastFailureLogged.get(k) === signature;
+    this.lastFailureLogged.set(k, signature);
+    return repeated || reportedElsewhere ? 'debug' : level;
+  }
+
+  /**
+   * Ends the backoff of a key whose failure cause is gone and runs it now, its failure count
+   * started over (unless resetFailures is false). Its status says so at once (the run may take a
+   * while to settle), and an event records why. Called by controllers (an engine is back) and for
+   * a spec change of a failing key.
+   */
+  retryNow(kind: string, name: string, why: string, opts: { resetFailures?: boolean } = {}): void {
+    const k = key(kind, name);
+    if (this.stopped) return;
+    const waited = this.queue.backoffEnds(k);
+    if (opts.resetFailures ?? true) {
+      this.fresh.set(k, why);
+      this.simpleBackoff.forget(k);
+    }
+    if (this.failing.has(k) || waited !== undefined) this.noteRetrying(kind, name, why, waited);
+    this.queue.retryNow(k);
+  }
+
+  /** Writes "retrying now" into a failing resource's Ready condition: a status must not promise a retry minutes away that is happening now. */
+  private noteRetrying(kind: string, name: string, why: string, waited: number | undefined): void {
+    const { store, logger } = this.opts;
+    if (!store.db.open) return;
+    store.transaction(() => {
+      const last = store.getBackoff(kind, name);
+      store.clearBackoff(kind, name);
+      const status = store.getStatus(kind, name);
+      if (!status || !FAILED_STATES.has(status.phase ?? '')) return;
+      const ready = status.conditions.find((c) => c.type === 'Ready');
+      if (!ready) return;
+      const lastError = last?.lastError ?? (status.lastError as string | undefined);
+      const conditions = setCondition(status.conditions, {
+        ...ready,
+        message: `retrying now: ${why}${lastError ? `; the last attempt failed: ${lastError}` : ''}`,
+      }, new Date().toISOString());
+      store.setStatus(kind, name, { ...status, conditions });
+      const due = waited ?? (last && last.nextAttemptAt > Date.now() ? last.nextAttemptAt : undefined);
+      const message = `retrying now: ${why}${due !== undefined ? ` (instead of in ${formatDelay(due - Date.now())})` : ''}`;
+      store.recordEvent({ kind, name, type: 'Normal', reason: 'Retrying', message });
+      logger.debug(message, { event: 'Retrying', resource: key(kind, name) });
+    });
+  }
+
+  /** Forgets everything kept in memory about a key that no longer exists. */
+  private forgetKey(k: string): void {
+    this.failing.delete(k);
+    this.fresh.delete(k);
+    this.lastFailureLogged.delete(k);
+    this.simpleBackoff.forget(k);
   }
 
   get context(): ControllerContext {
@@ -141,11 +245,20 @@ export class Manager {
     this.lastSeq = store.latestChangeSeq();
     store.on('change', this.onChange);
     const now = Date.now();
-    const delayed = new Map(store.listBackoff().map((b) => [key(b.kind, b.name), b.nextAttemptAt]));
+    const delayed = new Map(store.listBackoff().map((b) => [key(b.kind, b.name), b]));
     for (const k of this.syncKeys()) {
       this.initialKeys.add(k);
-      const at = delayed.get(k);
-      if (at !== undefined && at > now) this.queue.addAfter(k, at - now);
+      const b = delayed.get(k);
+      if (b) {
+        // The generation the stored failure was for (its status says, when it has one).
+        const res = store.getResource(b.kind, b.name);
+        const generation = (res?.status?.observedGeneration as number | undefined) ?? res?.metadata.generation ?? 0;
+        this.failing.set(k, { generation, deleting: res?.status?.phase === 'TerminatingBackoff' });
+      }
+      // A backoff stored by the last process is honoured unless its spec changed since the failure.
+      const changedSince = b ? this.specChangedSinceFailure(b.kind, b.name) : undefined;
+      if (b && changedSince) this.fresh.set(k, changedSince);
+      if (b && b.nextAttemptAt > now && !changedSince) this.queue.addRateLimited(k, b.nextAttemptAt - now);
       else this.queue.add(k);
     }
     if (this.initialKeys.size === 0) this.markInitialSync();
@@ -198,6 +311,7 @@ export class Manager {
       for (const c of changes) {
         this.lastSeq = c.seq;
         if (this.handledSeqs.delete(c.seq)) continue;
+        this.logOutsideChange(c);
         this.handleChange(c);
       }
     } catch (err) {
@@ -205,12 +319,45 @@ export class Manager {
     }
   }
 
+  /**
+   * Desired state another process wrote (the CLI's apply, delete, proxyport add/remove) is logged
+   * at info when the daemon takes it up, so its log tells what changed and when; changes made in
+   * this process are logged where they are made (directory applies, the API).
+   */
+  private logOutsideChange(c: Change): void {
+    if (c.op !== 'upsert' && c.op !== 'delete-requested') return;
+    const res = this.opts.store.getResource(c.kind, c.name);
+    if (c.op === 'upsert') {
+      this.opts.logger.info('desired state changed by another process', { resource: key(c.kind, c.name), generation: res?.metadata.generation ?? null });
+    } else {
+      this.opts.logger.info('deletion requested by another process', { resource: key(c.kind, c.name) });
+    }
+  }
+
   private handleChange(c: Change): void {
-    if (c.op === 'deleted') return;
-    this.queue.add(key(c.kind, c.name));
+    const k = key(c.kind, c.name);
+    if (c.op === 'deleted') {
+      this.forgetKey(k);
+      return;
+    }
+    // A failing key waits out its backoff whatever happens, unless what happened is a new cause:
+    // a new spec (generation) or a deletion.
+    const why = this.failing.has(k) ? this.specChangedSinceFailure(c.kind, c.name) : undefined;
+    if (why) this.retryNow(c.kind, c.name, why);
+    else this.queue.add(k);
     for (const w of this.watchers.get(c.kind) ?? []) {
       for (const name of w.map(c.name)) this.queue.add(key(w.controller.kind, name));
     }
+  }
+
+  /** Why a failing key should be retried at once because of a change to itself (new generation, deletion), if it should. */
+  private specChangedSinceFailure(kind: string, name: string): string | undefined {
+    const res = this.opts.store.getResource(kind, name);
+    const failed = this.failing.get(key(kind, name));
+    if (!res || !failed) return undefined;
+    if (res.metadata.deletionTimestamp && !failed.deleting) return 'its deletion was requested';
+    if (res.metadata.generation !== failed.generation) return `its spec changed (generation ${res.metadata.generation})`;
+    return undefined;
   }
 
   private async worker(): Promise<void> {
@@ -237,7 +384,7 @@ export class Manager {
     const [kind, name] = splitKey(k);
     const controller = this.controllers.get(kind);
     const started = performance.now();
-    let result = 'success';
+    let result: (typeof RECONCILE_RESULTS)[number] = 'success';
     try {
       if (!controller) {
         this.markUncontrolled(kind, name);
@@ -254,7 +401,8 @@ export class Manager {
           result = 'error';
           this.opts.metrics.reconcileErrors.inc({ kind });
         }
-        if (outcome.requeueAfterMs !== undefined) this.queue.addAfter(k, outcome.requeueAfterMs);
+        if (outcome.backoffUntil !== undefined) this.queue.backOffUntil(k, outcome.backoffUntil);
+        else if (outcome.requeueAfterMs !== undefined) this.queue.addAfter(k, outcome.requeueAfterMs);
       } finally {
         if (abort) this.inFlight.delete(k);
       }
@@ -285,13 +433,24 @@ export class Manager {
     store.transaction(() => store.setStatus(kind, name, { phase: 'Pending', conditions }));
   }
 
-  private async runSimple(c: SimpleController, name: string): Promise<{ failed: boolean; requeueAfterMs?: number }> {
+  private async runSimple(c: SimpleController, name: string): Promise<RunOutcome> {
+    const k = key(c.kind, name);
+    const { logger, store } = this.opts;
     try {
       const out = await c.reconcile(name, this.ctx);
+      const failures = this.simpleBackoff.numRequeues(k);
+      this.simpleBackoff.forget(k);
+      this.failing.delete(k);
+      if (this.lastFailureLogged.delete(k)) logger.info('reconcile recovered', { resource: k, failedAttempts: failures });
       return { failed: false, ...(out?.requeueAfterMs !== undefined ? { requeueAfterMs: out.requeueAfterMs } : {}) };
     } catch (err) {
-      this.opts.logger.error('reconcile failed', { resource: key(c.kind, name), error: (err as Error).message });
-      return { failed: true, requeueAfterMs: this.backoff.baseMs };
+      const message = (err as Error).message;
+      const delay = this.simpleBackoff.when(k);
+      const res = store.db.open ? store.getResource(c.kind, name) : undefined;
+      this.failing.set(k, { generation: res?.metadata.generation ?? 0, deleting: res?.metadata.deletionTimestamp !== undefined });
+      const level = this.failureLogLevel(k, 'SyncFailed', message, 'error');
+      logger.log(level, 'reconcile failed', { resource: k, error: message, failures: this.simpleBackoff.numRequeues(k), retryInMs: delay });
+      return { failed: true, backoffUntil: Date.now() + delay };
     }
   }
 
@@ -299,8 +458,12 @@ export class Manager {
     c: AnyConvergingController,
     name: string,
     signal: AbortSignal,
-  ): Promise<{ failed: boolean; requeueAfterMs?: number }> {
+  ): Promise<RunOutcome> {
     const { store, logger, metrics } = this.opts;
+    const k = key(c.kind, name);
+    // Taken now: a retryNow() while this run is in flight marks the next run fresh, not this one.
+    const fresh = this.fresh.get(k);
+    this.fresh.delete(k);
     const resource = store.getResource(c.kind, name);
     if (!resource) return { failed: false };
     const deleting = resource.metadata.deletionTimestamp !== undefined;
@@ -349,7 +512,11 @@ export class Manager {
     const actor = createActor(machine, restorable ? { snapshot: persisted, input: {} } : { input: {} });
     actor.start();
     const driftPolicy: DriftPolicy = c.driftPolicy(resource);
-    actor.send(deleting ? { type: 'DELETE' } : { type: 'RECONCILE', driftPolicy });
+    actor.send(
+      deleting
+        ? { type: 'DELETE' }
+        : { type: 'RECONCILE', driftPolicy, at: Date.now(), degraded: this.degraded, ...(fresh !== undefined ? { fresh: true } : {}) },
+    );
     let snap: Snapshot;
     try {
       snap = await waitFor(actor, (s) => SETTLED_STATES.has(String(s.value)), {
@@ -365,7 +532,8 @@ export class Manager {
       logger.warn('reconcile did not settle', { resource: key(c.kind, name), reason });
       if (signal.aborted) return { failed: false };
       this.recorder.record(c.kind, name, 'Warning', 'SyncTimeout', `reconcile did not settle: ${reason}`);
-      return { failed: true, requeueAfterMs: backoffDelay(1, this.backoff) };
+      this.failing.set(k, { generation: resource.metadata.generation, deleting });
+      return { failed: true, backoffUntil: Date.now() + backoffDelay(1, this.backoff) };
     }
     const persistedSnapshot = actor.getPersistedSnapshot();
     actor.stop();
@@ -381,9 +549,10 @@ export class Manager {
       changes: context.changes,
       summary: context.summary,
     };
-    const failed = state === 'Backoff' || state === 'Degraded' || state === 'TerminatingBackoff';
+    const failed = FAILED_STATES.has(state);
     const retryInMs = failed ? backoffDelay(context.failures, this.backoff) : undefined;
-    const events: Array<[EventType, string, string]> = [];
+    const retryAt = retryInMs !== undefined ? Date.now() + retryInMs : undefined;
+    const events: Array<[EventType, string, string, LogLevel]> = [];
     if (context.driftDetected) {
       metrics.driftTotal.inc({ kind: c.kind });
       const what = `${context.driftChanges} change(s): ${context.driftSummary.slice(0, 5).join('; ')}${context.driftChanges > 5 ? '; …' : ''}`;
@@ -391,18 +560,32 @@ export class Manager {
         'Warning',
         'DriftDetected',
         state === 'Drifted' ? `drift found and left alone (driftPolicy ${driftPolicy}): ${what}` : `drift found, repairing: ${what}`,
+        'warn',
       ]);
     }
     if (state === 'Ready' && context.changes === 0 && !run.driftDetected && persisted?.value !== 'Ready') {
-      events.push(['Normal', 'Converged', `${c.kind} ${name} is converged`]);
+      // After a failure streak this is the one line that says the failures are over.
+      const before = persisted && FAILED_STATES.has(String(persisted.value)) ? (persisted.context as Partial<ConvergenceContext>) : undefined;
+      const streak = before?.failures
+        ? `, recovered after ${before.failures} failed attempt(s)${before.failingSince ? ` over ${formatDelay(Date.now() - before.failingSince)}` : ''}`
+        : '';
+      events.push(['Normal', 'Converged', `${c.kind} ${name} is converged${streak}`, 'info']);
     }
     const failureReason = failed ? c.failureReason?.(run) : undefined;
     if (failed) {
       const reason = failureReason ?? (state === 'Degraded' ? 'Degraded' : 'SyncFailed');
-      const message = context.lastError ?? 'failed';
-      events.push(['Warning', reason, state === 'Degraded' && failureReason ? `degraded after repeated failures: ${message}` : message]);
+      const lastError = context.lastError ?? 'failed';
+      const message = state === 'Degraded' && failureReason ? `degraded after repeated failures: ${lastError}` : lastError;
+      events.push(['Warning', reason, message, this.failureLogLevel(k, reason, message, 'warn', c.reportsFailureItself?.(run) ?? false)]);
+      this.failing.set(k, { generation: resource.metadata.generation, deleting });
+    } else {
+      this.failing.delete(k);
+      this.lastFailureLogged.delete(k);
     }
-    if (state === 'Deleted') events.push(['Normal', 'Deleted', `${c.kind} ${name} and everything it owned are removed`]);
+    if (state === 'Deleted') {
+      events.push(['Normal', 'Deleted', `${c.kind} ${name} and everything it owned are removed`, 'info']);
+      this.forgetKey(k);
+    }
     metrics.driftUnrepaired.set({ kind: c.kind, name }, state === 'Drifted' || (failed && context.driftDetected) ? 1 : 0);
 
     store.transaction(() => {
@@ -412,21 +595,21 @@ export class Manager {
         metrics.driftUnrepaired.remove({ kind: c.kind, name });
       } else {
         store.setSnapshot(c.kind, name, persistedSnapshot);
-        const status = this.statusOf(c, run, retryInMs, failureReason);
+        const status = this.statusOf(c, run, retryAt, failureReason, context);
         if ((state === 'Ready' || state === 'Drifted') && fingerprint) status.desiredFingerprint = fingerprint;
         store.setStatus(c.kind, name, status);
         if (failed) {
-          store.setBackoff(c.kind, name, context.failures, Date.now() + retryInMs!, context.lastError ?? 'failed');
+          store.setBackoff(c.kind, name, context.failures, retryAt!, context.lastError ?? 'failed');
         } else {
           store.clearBackoff(c.kind, name);
         }
         c.commit?.(run);
       }
-      for (const [type, reason, message] of events) this.recorder.record(c.kind, name, type, reason, message);
+      for (const [type, reason, message, level] of events) this.recordEvent(c.kind, name, type, reason, message, level);
     });
     if (failed) {
       metrics.workqueueRetries.inc();
-      return { failed: true, requeueAfterMs: retryInMs! };
+      return { failed: true, backoffUntil: retryAt! };
     }
     const after = c.requeueAfterMs?.(run);
     return { failed: false, ...(after !== undefined ? { requeueAfterMs: after } : {}) };
@@ -435,10 +618,15 @@ export class Manager {
   private statusOf(
     c: AnyConvergingController,
     run: SettledRun<unknown, unknown>,
-    retryInMs: number | undefined,
+    retryAt: number | undefined,
     failureReason: string | undefined,
+    context: ConvergenceContext,
   ): ResourceStatus {
-    const now = new Date().toISOString();
+    const nowMs = Date.now();
+    const now = new Date(nowMs).toISOString();
+    // When the next attempt comes, as a time too: "in 5m" alone is stale as soon as it is read.
+    const retry = retryAt !== undefined ? ` (next retry in ${formatDelay(retryAt - nowMs)}, at ${new Date(retryAt).toISOString()})` : '';
+    const streak = context.failingSince ? `failing since ${new Date(context.failingSince).toISOString()}, ${context.failures} attempt(s)` : '';
     const generation = run.resource.metadata.generation;
     const prev = run.resource.status;
     let conditions: Condition[] = prev?.conditions ?? [];
@@ -458,14 +646,14 @@ export class Manager {
         ? 'desired state is in place'
         : run.state === 'Drifted'
           ? `live state differs (${run.changes} change(s)) and driftPolicy is not correct: ${run.summary.slice(0, 3).join('; ')}`
-          : `${run.lastError ?? run.state}${retryInMs !== undefined ? ` (retry in ${formatDuration(retryInMs)})` : ''}`,
+          : `${run.lastError ?? run.state}${retry}`,
       observedGeneration: generation,
     }, now);
     conditions = setCondition(conditions, {
       type: 'Degraded',
       status: run.state === 'Degraded' ? 'True' : 'False',
       reason: run.state === 'Degraded' ? 'RepeatedFailures' : 'AsExpected',
-      message: run.state === 'Degraded' ? (run.lastError ?? 'repeated failures') : '',
+      message: run.state === 'Degraded' ? `${run.lastError ?? 'repeated failures'}${streak ? ` (${streak})` : ''}` : '',
       observedGeneration: generation,
     }, now);
     const lastDriftAt = run.driftDetected ? now : (prev?.lastDriftAt as string | undefined);
@@ -547,3 +735,16 @@ export class Manager {
 // The machine's placeholder actors are replaced per run; these keep their types.
 const fromObserve = (fn: () => Promise<ObserveOutput>) => fromPromise(fn);
 const fromExecute = (fn: () => Promise<void>) => fromPromise(fn);
+
+/** What a failed run was for (see Manager.failing). */
+interface FailedFor {
+  generation: number;
+  deleting: boolean;
+}
+
+/** What one reconcile leaves for the queue: a failure backs off (until backoffUntil, epoch ms), a success may ask to come back (requeueAfterMs). */
+interface RunOutcome {
+  failed: boolean;
+  requeueAfterMs?: number;
+  backoffUntil?: number;
+}

@@ -48,6 +48,13 @@ export interface Dockerd {
   removeByLabel(label: string): Promise<number>;
   /** Last lines of dockerd's log (for assertion messages). */
   logTail(lines?: number): Promise<string>;
+  /**
+   * An engine outage: stops dockerd (SIGTERM; it stops its containers and removes its socket) and
+   * waits for it to exit, keeping its data. The containers stay, exited.
+   */
+  stopEngine(): Promise<void>;
+  /** Ends the outage: starts dockerd again on the same socket and data; resolves once /_ping answers. */
+  startEngine(): Promise<void>;
   /** Removes all containers, stops dockerd (SIGTERM, then SIGKILL after 15 s), unmounts and deletes DIR. Safe to call twice. */
   stop(): Promise<void>;
 }
@@ -223,23 +230,65 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
     '--userland-proxy=false',
     '--log-level=info',
   ];
-  const logFd = openSync(logFile, 'a');
-  const child = spawn(DOCKERD_BIN, args, { stdio: ['ignore', logFd, logFd], env: { ...process.env, PATH: process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin' } });
-  closeSync(logFd);
-  trackChild(child);
+  // The running dockerd: replaced by startEngine() after stopEngine().
+  let child!: ReturnType<typeof spawn>;
   let exited: string | undefined;
-  const exitPromise = new Promise<void>((resolve) => {
-    child.once('exit', (code, signal) => {
-      exited = `exited with ${code ?? signal}`;
-      resolve();
+  let exitPromise!: Promise<void>;
+  let pid = -1;
+  const spawnDockerd = (): void => {
+    const logFd = openSync(logFile, 'a');
+    const c = spawn(DOCKERD_BIN, args, { stdio: ['ignore', logFd, logFd], env: { ...process.env, PATH: process.env['PATH'] ?? '/usr/sbin:/usr/bin:/sbin:/bin' } });
+    closeSync(logFd);
+    trackChild(c);
+    child = c;
+    exited = undefined;
+    exitPromise = new Promise<void>((resolve) => {
+      c.once('exit', (code, signal) => {
+        exited = `exited with ${code ?? signal}`;
+        resolve();
+      });
+      c.once('error', (err) => {
+        exited = `failed to spawn: ${err.message}`;
+        resolve();
+      });
     });
-    child.once('error', (err) => {
-      exited = `failed to spawn: ${err.message}`;
-      resolve();
-    });
-  });
-  const pid = child.pid ?? -1;
+    pid = c.pid ?? -1;
+  };
+  spawnDockerd();
   const client = new DockerClient({ socketPath, requestTimeoutMs: 30_000 });
+
+  /** SIGTERM, then SIGKILL after STOP_GRACE_MS. */
+  const terminate = async (): Promise<void> => {
+    if (exited !== undefined || pid <= 0) return;
+    try {
+      process.kill(pid, 'SIGTERM');
+    } catch {
+      /* gone */
+    }
+    if (!(await within(exitPromise, STOP_GRACE_MS))) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+      await within(exitPromise, 5000);
+    }
+    untrackChild(child);
+  };
+
+  const waitForPing = async (): Promise<void> => {
+    const deadline = Date.now() + STARTUP_TIMEOUT_MS;
+    for (;;) {
+      if (exited !== undefined) throw new Error(`dockerd ${exited} before answering /_ping; log tail:\n${await tail(logFile)}`);
+      const ok = await client
+        .request('GET', '/_ping', { timeoutMs: 1000 })
+        .then((r) => r.status === 200)
+        .catch(() => false);
+      if (ok) return;
+      if (Date.now() > deadline) throw new Error(`dockerd at unix://${socketPath} did not answer /_ping within ${STARTUP_TIMEOUT_MS} ms; log tail:\n${await tail(logFile)}`);
+      await sleep(50);
+    }
+  };
 
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
@@ -254,21 +303,7 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
       }
       client.close();
       // 2. dockerd, by PID.
-      if (exited === undefined && pid > 0) {
-        try {
-          process.kill(pid, 'SIGTERM');
-        } catch {
-          /* gone */
-        }
-        if (!(await within(exitPromise, STOP_GRACE_MS))) {
-          try {
-            process.kill(pid, 'SIGKILL');
-          } catch {
-            /* gone */
-          }
-          await within(exitPromise, 5000);
-        }
-      }
+      await terminate();
       untrackChild(child);
       // 3. Its managed containerd and shims (they carry DIR in their command line).
       for (let i = 0; i < 50; i++) {
@@ -314,17 +349,7 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
 
   try {
     // Wait for the API.
-    const deadline = Date.now() + STARTUP_TIMEOUT_MS;
-    for (;;) {
-      if (exited !== undefined) throw new Error(`dockerd ${exited} before answering /_ping; log tail:\n${await tail(logFile)}`);
-      const ok = await client
-        .request('GET', '/_ping', { timeoutMs: 1000 })
-        .then((r) => r.status === 200)
-        .catch(() => false);
-      if (ok) break;
-      if (Date.now() > deadline) throw new Error(`dockerd at unix://${socketPath} did not answer /_ping within ${STARTUP_TIMEOUT_MS} ms; log tail:\n${await tail(logFile)}`);
-      await sleep(50);
-    }
+    await waitForPing();
     const startMs = performance.now() - t0;
     const t1 = performance.now();
     await importBusyboxImage(socketPath, TEST_IMAGE);
@@ -332,7 +357,9 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
 
     return {
       socketPath,
-      pid,
+      get pid() {
+        return pid;
+      },
       dir,
       image: TEST_IMAGE,
       timings: { startMs: Math.round(startMs), imageMs: Math.round(imageMs) },
@@ -345,6 +372,15 @@ export async function startDockerd(opts: { name?: string } = {}): Promise<Docker
         return removeIds(await listIds(label));
       },
       logTail: (lines) => tail(logFile, lines),
+      async stopEngine() {
+        await terminate();
+        if (exited === undefined) throw new Error(`dockerd (pid ${pid}) did not exit; log tail:\n${await tail(logFile)}`);
+      },
+      async startEngine() {
+        if (exited === undefined) throw new Error('dockerd is still running');
+        spawnDockerd();
+        await waitForPing();
+      },
       stop,
     };
   } catch (err) {

@@ -7,6 +7,8 @@ import type { AddressInfo } from 'node:net';
 export interface IpEchoOptions {
   /** Listen address (default 127.0.0.1). */
   host?: string;
+  /** Listen port (default 0: any free one). */
+  port?: number;
   /** `text`: "1.2.3.4\n"; `json`: {"ip":"1.2.3.4"}. Default text. */
   format?: 'text' | 'json';
   /** Overrides the body entirely (e.g. garbage for badResponse tests); gets the caller's address. */
@@ -46,7 +48,7 @@ export async function startIpEcho(opts: IpEchoOptions = {}): Promise<IpEcho> {
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, host, () => {
+    server.listen(opts.port ?? 0, host, () => {
       server.off('error', reject);
       resolve();
     });

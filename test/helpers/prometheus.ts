@@ -44,10 +44,15 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Runs a command to completion (argument array, no shell), killed by PID after timeoutMs. */
-export async function runTool(file: string, args: string[], timeoutMs = 60_000): Promise<RunResult> {
-  const child = spawn(file, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+/** Runs a command to completion (argument array, no shell; `input` on its stdin), killed by PID after timeoutMs. */
+export async function runTool(file: string, args: string[], timeoutMs = 60_000, input?: string): Promise<RunResult> {
+  const child = spawn(file, args, { cwd: REPO, stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
   trackChild(child);
+  if (input !== undefined) {
+    // A tool that exits before reading all of it (EPIPE) is judged by its exit code and output.
+    child.stdin!.on('error', () => {});
+    child.stdin!.end(input);
+  }
   let stdout = '';
   let stderr = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));

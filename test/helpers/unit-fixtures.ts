@@ -10,6 +10,7 @@ import { runCli } from '../../src/cli/main.js';
 import { createValidator } from '../../src/controllers/registry.js';
 import type { DesiredStateValidator } from '../../src/desired/validate.js';
 import { Store, type StoreOptions } from '../../src/state/store.js';
+import { pollUntil } from './timing.js';
 
 export const REPO_ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
 export const EXAMPLES_DIR = path.join(REPO_ROOT, 'manifests', 'examples');
@@ -119,11 +120,7 @@ export function docs(...parts: string[]): string {
  * test files, stalled event loops) a 5 s default failed waits for things that were merely slow.
  */
 export async function eventually(cond: () => boolean, what: string, timeoutMs = 30_000, stepMs = 5): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, stepMs));
-  }
+  if (!(await pollUntil(cond, timeoutMs, stepMs))) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
 }
 
 /** Rejects if p does not settle within ms. */

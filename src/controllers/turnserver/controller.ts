@@ -31,6 +31,11 @@ const STATUS_ERROR_CLASS: Record<ProbeErrorClass, string> = {
   malformed: 'malformed',
 };
 
+/** The reason label of polydev_turn_probe_failures_total: every error class, and a secret file that cannot be read. */
+const PROBE_FAILURE_REASONS = [...(Object.keys(STATUS_ERROR_CLASS) as ProbeErrorClass[]), 'credentials'] as const;
+/** The step label of polydev_turn_probe_duration_seconds. */
+const PROBE_STEPS = ['binding', 'allocate', 'release'] as const;
+
 /** Ready's reason in each phase that is not ready. */
 const NOT_READY_REASON: Record<Exclude<TurnPhase, 'Healthy' | 'Suspect'>, string> = {
   Unknown: 'NotProbedYet',
@@ -73,6 +78,8 @@ export interface TurnServerControllerOptions {
 export class TurnServerController implements SimpleController {
   readonly kind = KIND;
   private readonly schedules = new Map<string, Schedule>();
+  /** Servers whose series exist (from their first reconcile until forget). */
+  private readonly exported = new Set<string>();
 
   private nomadClient: NomadClient | undefined;
 
@@ -88,6 +95,7 @@ export class TurnServerController implements SimpleController {
       return this.forget(name);
     }
     const d = turnServerDesired(res);
+    this.exportSeries(name);
     let snap = restoreTurnSnapshot(store.getSnapshot(KIND, name));
     const schedule = this.schedules.get(name);
     const specChanged = res.status?.observedGeneration !== undefined && res.status.observedGeneration !== d.generation;
@@ -211,6 +219,20 @@ export class TurnServerController implements SimpleController {
     return { requeueAfterMs: d.settleMs };
   }
 
+  /**
+   * A server's counters at 0 from its first reconcile (see metrics.ts). That reconcile probes it
+   * too, so only the very first probe of a new server can fail before a scrape saw the 0 (after a
+   * restart of the daemon, the previous process's 0 came first).
+   */
+  private exportSeries(server: string): void {
+    if (this.exported.has(server)) return;
+    const { metrics } = this.opts;
+    for (const reason of PROBE_FAILURE_REASONS) metrics.turnProbeFailures.inc({ server, reason }, 0);
+    metrics.turnRestarts.inc({ server }, 0);
+    for (const step of PROBE_STEPS) metrics.turnProbeDuration.zero({ server, step });
+    this.exported.add(server);
+  }
+
   private recordProbeMetrics(server: string, probe: TurnProbe, snap: TurnSnapshot): void {
     const { metrics } = this.opts;
     metrics.turnUp.set({ server }, isHealthy(snap) ? 1 : 0);
@@ -279,9 +301,10 @@ export class TurnServerController implements SimpleController {
     const { metrics } = this.opts;
     // A server no longer declared leaves no series behind (an alert on it would never resolve).
     metrics.turnUp.remove({ server: name });
-    for (const step of ['binding', 'allocate', 'release']) metrics.turnProbeDuration.remove({ server: name, step });
-    for (const reason of ['unreachable', 'timeout', 'auth_rejected', 'allocation_refused', 'malformed', 'credentials']) metrics.turnProbeFailures.remove({ server: name, reason });
+    for (const step of PROBE_STEPS) metrics.turnProbeDuration.remove({ server: name, step });
+    for (const reason of PROBE_FAILURE_REASONS) metrics.turnProbeFailures.remove({ server: name, reason });
     metrics.turnRestarts.remove({ server: name });
+    this.exported.delete(name);
   }
 }
 

@@ -28,7 +28,9 @@ import {
   type Engine,
   type EngineEvent,
   type EngineName,
+  type ObservedContainer,
 } from './engine.js';
+import { EngineAvailability } from './engine-availability.js';
 import type { EngineSet } from './engines.js';
 import { planOrphans, planWarmPool } from './plan.js';
 import {
@@ -53,7 +55,11 @@ export interface WarmPoolControllerOptions {
   orphanSweepMs: number;
   /** Ended claims kept for `get claims` and the stats. */
   claimHistory: number;
+  /** How often an unreachable engine is pinged, so pools waiting for it are retried soon after it is back (default 500 ms). */
+  engineProbeMs?: number;
 }
+
+const DEFAULT_ENGINE_PROBE_MS = 500;
 
 /** Rounds of act → observe → plan in one execute (a roll that keeps size - 1 warm takes several). */
 const MAX_ROUNDS = 25;
@@ -72,12 +78,23 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
   private readonly inFlight = new Map<string, Set<string>>();
   private readonly watching = new Map<EngineName, () => void>();
   private readonly lastFailure = new Map<string, string>();
+  /** Engine outages: logged once per engine, and their end retries the pools waiting for them. */
+  readonly availability: EngineAvailability;
   private readonly lastRefillMs = new Map<string, number>();
   private sweepTimer: NodeJS.Timeout | undefined;
   private sweeping: Promise<void> | undefined;
   private stopped = false;
 
-  constructor(private readonly opts: WarmPoolControllerOptions) {}
+  constructor(private readonly opts: WarmPoolControllerOptions) {
+    this.availability = new EngineAvailability({
+      logger: opts.logger,
+      probeMs: opts.engineProbeMs ?? DEFAULT_ENGINE_PROBE_MS,
+      poolsOn: (engine) => this.poolsOn(engine),
+      ping: (engine) => opts.engines.get(engine).ping(),
+      onUp: (engine, _outage, origin) => this.engineUp(engine, origin),
+      onDown: (engine, outage) => this.engineDown(engine, outage.message),
+    });
+  }
 
   get owner(): string {
     return this.opts.owner;
@@ -125,13 +142,18 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
     const members = listMembers(store, d.name);
     const claims = openClaims(store, d.name);
     const inFlight = new Set(this.slotsInFlight(d.name));
+    let listed: ObservedContainer[];
     try {
-      const containers = (await engine.list(this.opts.owner)).filter((c) => c.pool === d.name);
-      return { now: Date.now(), containers, members, claims, inFlight };
+      listed = await engine.list(this.opts.owner);
     } catch (err) {
-      this.noteFailure(d.name, err);
+      this.noteFailure(d, err);
       throw err;
     }
+    // The engine answers: pools waiting for it are retried now (this one is running already).
+    this.lastFailure.delete(d.name);
+    this.availability.markUp(d.spec.engine, `pool ${d.name}`, d.name);
+    const containers = listed.filter((c) => c.pool === d.name);
+    return { now: Date.now(), containers, members, claims, inFlight };
   }
 
   plan(d: WarmPoolDesired, o: WarmPoolObserved): WarmPoolAction[] {
@@ -154,14 +176,74 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
       }
       this.lastFailure.delete(d.name);
     } catch (err) {
-      this.noteFailure(d.name, err);
+      this.noteFailure(d, err);
       throw err;
     }
     void observed;
   }
 
-  private noteFailure(pool: string, err: unknown): void {
-    this.lastFailure.set(pool, err instanceof EngineError ? err.reason : 'SyncFailed');
+  private noteFailure(d: WarmPoolDesired, err: unknown): void {
+    const reason = err instanceof EngineError ? err.reason : 'SyncFailed';
+    this.lastFailure.set(d.name, reason);
+    if (reason === 'EngineUnavailable') this.availability.markDown(d.spec.engine, err as Error, `pool ${d.name}`);
+  }
+
+  /** Pools (by name) whose spec names this engine. */
+  private poolsOn(engine: EngineName): string[] {
+    const { store } = this.opts;
+    if (!store.db.open) return [];
+    return store
+      .listResources('WarmPool')
+      .filter((r) => ((r.spec as { engine?: EngineName }).engine ?? 'docker') === engine)
+      .map((r) => r.metadata.name);
+  }
+
+  /**
+   * Why the pool's last settled run failed (its Ready reason: EngineUnavailable, StartFailed, …),
+   * or undefined when it is not failing. From the stored status, so a restarted daemon knows too.
+   */
+  private failureOf(pool: string): string | undefined {
+    const status = this.opts.store.getStatus('WarmPool', pool);
+    if (status?.phase !== 'Backoff' && status?.phase !== 'Degraded') return undefined;
+    const ready = status.conditions.find((c) => c.type === 'Ready');
+    return ready?.status === 'False' ? ready.reason : undefined;
+  }
+
+  /**
+   * The engine answers again. Pools that failed for want of it are retried at once with their
+   * failure count reset: the cause is gone. Pools failing for another reason are retried at once
+   * too (a restarted engine may have changed anything, and a failure caught in its shutdown, such
+   * as a start refused halfway, is the outage in disguise) but keep counting. The others are
+   * reconciled as well: events may have been missed. (`origin`, the pool whose run found the
+   * engine back, is that run already.)
+   */
+  private engineUp(engine: EngineName, origin?: string): void {
+    const ctx = this.ctx;
+    if (!ctx || this.stopped) return;
+    for (const pool of this.poolsOn(engine)) {
+      if (pool === origin) continue;
+      const failure = this.failureOf(pool);
+      if (failure === 'EngineUnavailable') ctx.retryNow('WarmPool', pool, `the ${engine} engine is reachable again`);
+      else if (failure) ctx.retryNow('WarmPool', pool, `the ${engine} engine is reachable again after an outage`, { resetFailures: false });
+      else ctx.enqueue('WarmPool', pool);
+    }
+  }
+
+  /**
+   * An outage starts: every pool of the engine shows it in its status now, not at its next run.
+   * A pool failing for another reason (often the engine's own shutdown: a start refused halfway)
+   * is run again at once, keeping its failure count, so its status names the real cause; a pool
+   * already waiting for the engine keeps waiting.
+   */
+  private engineDown(engine: EngineName, message: string): void {
+    const ctx = this.ctx;
+    if (!ctx || this.stopped) return;
+    for (const pool of this.poolsOn(engine)) {
+      const failure = this.failureOf(pool);
+      if (failure && failure !== 'EngineUnavailable') {
+        ctx.retryNow('WarmPool', pool, `the ${engine} engine became unreachable (${message})`, { resetFailures: false });
+      } else ctx.enqueue('WarmPool', pool);
+    }
   }
 
   /** One round: store changes, then removals and recycles, then starts. */
@@ -329,6 +411,12 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
     return this.lastFailure.get(run.resource.metadata.name);
   }
 
+  /** An engine outage is logged once for every pool (EngineAvailability), not once per pool and retry. */
+  reportsFailureItself(run: SettledRun<WarmPoolDesired, WarmPoolObserved>): boolean {
+    const engine = run.desired?.spec.engine;
+    return engine !== undefined && this.failureReason(run) === 'EngineUnavailable' && this.availability.isDown(engine);
+  }
+
   commit(): void {
     pruneEndedClaims(this.opts.store, this.opts.claimHistory);
   }
@@ -348,10 +436,18 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
     this.sweepTimer.unref();
     // First sweep soon after start: pools deleted while the daemon was down leave containers.
     setTimeout(() => void this.sweepOrphans(), 1000).unref();
+    // Pools the last process found their engine unreachable for wait out a stored backoff (up to
+    // 5 minutes): if the engine answers now (it was fixed meanwhile), they are retried at once.
+    const engines = new Set<EngineName>();
+    for (const r of this.opts.store.listResources('WarmPool')) {
+      if (this.failureOf(r.metadata.name) === 'EngineUnavailable') engines.add((r.spec as { engine?: EngineName }).engine ?? 'docker');
+    }
+    for (const engine of engines) void this.availability.check(engine);
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.availability.stop();
     if (this.sweepTimer) clearInterval(this.sweepTimer);
     for (const stop of this.watching.values()) stop();
     this.watching.clear();
@@ -379,11 +475,15 @@ export class WarmPoolController implements ConvergingController<WarmPoolDesired,
       this.ctx.enqueue('WarmPool', e.pool);
     };
     const onError = (err: Error) => {
+      if (err instanceof EngineError && err.reason === 'EngineUnavailable') {
+        this.availability.markDown(name, err, 'event stream');
+        return;
+      }
       this.opts.logger.warn('engine event stream broke; every pool is reconciled when it is back', { engine: name, error: err.message });
     };
-    // Events may have been missed during the outage. Enqueuing at the break instead would also
-    // cut short every pool's backoff on each failed retry while the engine is down.
+    // Events may have been missed while the stream was down: every pool is reconciled.
     const onResumed = () => {
+      if (this.availability.markUp(name, 'event stream')) return; // engineUp has enqueued its pools
       this.opts.logger.info('engine event stream is back; reconciling every pool', { engine: name });
       for (const pool of this.poolKeys()) this.ctx?.enqueue('WarmPool', pool);
     };

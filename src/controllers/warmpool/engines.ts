@@ -1,11 +1,15 @@
-import type { Metrics } from '../../observability/metrics.js';
+import { ENGINE_OPERATION_RESULTS, type Metrics } from '../../observability/metrics.js';
 import { EngineError, type Engine, type EngineName } from './engine.js';
 
 export type EngineFactories = Partial<Record<EngineName, () => Engine>>;
 
+/** The op label of polydev_engine_operations_total: every counted Engine method (update and rename are Docker's only). */
+const ENGINE_OPERATIONS = ['ping', 'list', 'start', 'remove', 'inject', 'recycle', 'update', 'rename'] as const;
+type EngineOperation = (typeof ENGINE_OPERATIONS)[number];
+
 /** Counts every call (polydev_engine_operations_total) without the drivers knowing about metrics. */
 function instrument(engine: Engine, metrics: Metrics): Engine {
-  const count = <T>(op: string, p: Promise<T>): Promise<T> =>
+  const count = <T>(op: EngineOperation, p: Promise<T>): Promise<T> =>
     p.then(
       (v) => {
         metrics.engineOperations.inc({ engine: engine.name, op, result: 'success' });
@@ -39,7 +43,13 @@ export class EngineSet {
   constructor(
     private readonly factories: EngineFactories,
     private readonly metrics: Metrics,
-  ) {}
+  ) {
+    // Counted from 0 for every configured engine (see metrics.ts), though it is created on first use
+    // (so whether it has update and rename is not known yet: an engine without them stays at 0).
+    for (const engine of Object.keys(factories)) {
+      for (const op of ENGINE_OPERATIONS) for (const result of ENGINE_OPERATION_RESULTS) metrics.engineOperations.inc({ engine, op, result }, 0);
+    }
+  }
 
   /** The engine, or EngineError(EngineUnavailable) when this daemon has none of that name configured. */
   get(name: EngineName): Engine {
@@ -47,7 +57,9 @@ export class EngineSet {
     if (!engine) {
       const make = this.factories[name];
       if (!make) {
-        throw new EngineError('EngineUnavailable', `the ${name} engine is not configured in this daemon`);
+        // Only nomad needs a setting (docker and process always have a factory in a daemon).
+        const how = name === 'nomad' ? ' (set nomad.address in its config, env POLYDEV_NOMAD_ADDRESS)' : '';
+        throw new EngineError('EngineUnavailable', `the ${name} engine is not configured in this daemon${how}`);
       }
       let made: Engine;
       try {
