@@ -65,7 +65,7 @@ test('--help says where the config is looked up and what the exit codes mean', a
   const r = await cli(tempDir(t), ['--help']);
   t.is(r.code, 0, r.stderr);
   t.regex(r.stdout, /--config FILE, \$POLYDEV_CONFIG, \/etc\/polydev\/polydev-reconciler\.yaml/);
-  t.regex(r.stdout, /manifests\/config\/polydev-reconciler\.yaml/);
+  t.regex(r.stdout, /var\/demo\/polydev-reconciler\.yaml, then manifests\/config\/polydev-reconciler\.yaml/);
   t.regex(r.stdout, /^Exit codes: 0 done/m);
   t.true(r.stdout.includes('2 usage, configuration or\nruntime error'));
 });
@@ -74,8 +74,12 @@ test('from another directory, with no --config or POLYDEV_CONFIG, the CLI of a c
   const cwd = tempDir(t);
   const r = await cli(cwd, ['config']);
   t.is(r.code, 0, r.stderr);
+  const running = path.join(REPO, 'var', 'demo', 'polydev-reconciler.yaml');
   if (fs.existsSync(ETC_CONFIG)) {
     t.regex(r.stdout, new RegExp(`^config: +${ETC_CONFIG} \\(the system config\\)$`, 'm'));
+  } else if (fs.existsSync(running)) {
+    // A demo runs in this checkout (npm start): its generated config is the one.
+    t.true(r.stdout.includes(`config:           ${running} (the config of this checkout's running demo)`), r.stdout);
   } else {
     const demo = path.join(REPO, 'manifests', 'config', 'polydev-reconciler.yaml');
     t.true(r.stdout.includes(`config:           ${demo} (this checkout's demo config)`), r.stdout);

@@ -107,7 +107,7 @@ test('groupLines: identical lines once, counted, in order of first appearance', 
 // ---- config lookup -------------------------------------------------------------------
 
 /** A fake project tree: package.json named as given, optionally src/main.ts and the demo config. */
-function fakeTree(root: string, opts: { name?: string; sources?: boolean; demo?: boolean }): void {
+function fakeTree(root: string, opts: { name?: string; sources?: boolean; demo?: boolean; running?: boolean }): void {
   fs.mkdirSync(path.join(root, 'dist', 'src', 'cli'), { recursive: true });
   fs.writeFileSync(path.join(root, 'package.json'), JSON.stringify({ name: opts.name ?? 'polydev-reconciler' }));
   if (opts.sources) {
@@ -118,16 +118,24 @@ function fakeTree(root: string, opts: { name?: string; sources?: boolean; demo?:
     fs.mkdirSync(path.join(root, 'manifests', 'config'), { recursive: true });
     fs.writeFileSync(path.join(root, 'manifests', 'config', 'polydev-reconciler.yaml'), 'database: ../../var/polydev.db\n');
   }
+  if (opts.running) {
+    fs.mkdirSync(path.join(root, 'var', 'demo'), { recursive: true });
+    fs.writeFileSync(path.join(root, 'var', 'demo', 'polydev-reconciler.yaml'), `database: ${path.join(root, 'var', 'polydev.db')}\n`);
+  }
 }
 
-test('config lookup: --config, then POLYDEV_CONFIG, then /etc, then the checkout\'s demo config, then none', (t) => {
+test('config lookup: --config, then POLYDEV_CONFIG, then /etc, then the checkout\'s running demo, its demo config, then none', (t) => {
   const dir = tempDir(t);
   const checkout = path.join(dir, 'checkout');
-  fakeTree(checkout, { sources: true, demo: true });
+  fakeTree(checkout, { sources: true, demo: true, running: true });
   const from = path.join(checkout, 'dist', 'src', 'cli');
   const etcFile = path.join(dir, 'etc.yaml');
   const demo = path.join(checkout, 'manifests', 'config', 'polydev-reconciler.yaml');
+  const running = path.join(checkout, 'var', 'demo', 'polydev-reconciler.yaml');
 
+  t.deepEqual(findConfigFile({ from, etcFile, env: {} }), { file: running, origin: 'demo' });
+  // The demo removes its generated config when it stops: then the base config.
+  fs.rmSync(running);
   t.deepEqual(findConfigFile({ from, etcFile, env: {} }), { file: demo, origin: 'checkout' });
   fs.writeFileSync(etcFile, '');
   t.deepEqual(findConfigFile({ from, etcFile, env: {} }), { file: etcFile, origin: 'etc' });

@@ -3,7 +3,9 @@
 //   1. --config FILE
 //   2. $POLYDEV_CONFIG
 //   3. /etc/polydev/polydev-reconciler.yaml (what scripts/install-host.sh and the image install)
-//   4. in a checkout of this project: its demo config, manifests/config/polydev-reconciler.yaml
+//   4. in a checkout of this project: the config of its running demo (var/demo/polydev-reconciler.yaml,
+//      which `npm start` writes and removes when it stops), else its demo config,
+//      manifests/config/polydev-reconciler.yaml
 //
 // and none of them: the built-in defaults. Step 4 walks up from this module's own file, not from
 // the working directory: the CLI of a checkout then answers the same from every directory (the
@@ -17,10 +19,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const ETC_CONFIG = '/etc/polydev/polydev-reconciler.yaml';
-/** The demo config `npm start` runs, relative to the checkout's root. */
+/** The demo's base config, relative to the checkout's root. */
 export const CHECKOUT_CONFIG = path.join('manifests', 'config', 'polydev-reconciler.yaml');
+/** The config a running demo (`npm start`, scripts/demo.ts) generated for its sandbox, relative to the checkout's root. */
+export const DEMO_CONFIG = path.join('var', 'demo', 'polydev-reconciler.yaml');
 
-export type ConfigOrigin = '--config' | 'POLYDEV_CONFIG' | 'etc' | 'checkout' | 'none';
+export type ConfigOrigin = '--config' | 'POLYDEV_CONFIG' | 'etc' | 'demo' | 'checkout' | 'none';
 
 export interface ConfigChoice {
   /** Absolute path, or undefined: no file, built-in defaults. */
@@ -40,9 +44,10 @@ export interface ConfigLookup {
 /** The lookup order as the help text states it. */
 export const CONFIG_LOOKUP_HELP = [
   'Config file: the first of --config FILE, $POLYDEV_CONFIG, /etc/polydev/polydev-reconciler.yaml',
-  'and, when this CLI runs from a checkout of the project, the demo config',
-  'manifests/config/polydev-reconciler.yaml; none of them: built-in defaults. Paths in a config',
-  'file are relative to it. `polydev-reconciler config` shows which one is used.',
+  'and, when this CLI runs from a checkout of the project, its running demo\'s',
+  'var/demo/polydev-reconciler.yaml, then manifests/config/polydev-reconciler.yaml; none of them:',
+  'built-in defaults. Paths in a config file are relative to it. `polydev-reconciler config`',
+  'shows which one is used.',
 ].join('\n');
 
 export function findConfigFile(lookup: ConfigLookup = {}): ConfigChoice {
@@ -53,8 +58,10 @@ export function findConfigFile(lookup: ConfigLookup = {}): ConfigChoice {
   if (present(etc)) return { file: etc, origin: 'etc' };
   const root = checkoutRoot(lookup.from ?? path.dirname(fileURLToPath(import.meta.url)));
   if (root !== undefined) {
-    const demo = path.join(root, CHECKOUT_CONFIG);
-    if (fs.existsSync(demo)) return { file: demo, origin: 'checkout' };
+    const running = path.join(root, DEMO_CONFIG);
+    if (present(running)) return { file: running, origin: 'demo' };
+    const base = path.join(root, CHECKOUT_CONFIG);
+    if (present(base)) return { file: base, origin: 'checkout' };
   }
   return { file: undefined, origin: 'none' };
 }
@@ -105,6 +112,8 @@ export function howFound(choice: ConfigChoice): string {
       return 'given by $POLYDEV_CONFIG';
     case 'etc':
       return 'the system config';
+    case 'demo':
+      return "the config of this checkout's running demo";
     case 'checkout':
       return "this checkout's demo config";
     case 'none':
