@@ -1,5 +1,5 @@
 // `npm run bench`: runs every benchmark, writes bench/results/<name>.json and prints a table.
-// BENCH_ONLY=proxy|warm-pool|turn|nomad|standby|lifecycle|engine-outage runs one; BENCH_RUNS sets the runs per figure (default 5).
+// BENCH_ONLY=proxy|warm-pool|turn|nomad|standby|lifecycle|engine-outage|cli runs one; BENCH_RUNS sets the runs per figure (default 5).
 // Warm-pool only, for investigations: BENCH_WARM_POOL_PARTS=claims,refill,rss (default all),
 // BENCH_RSS_RUNS (default 2), BENCH_CPU_PROFILE=1 (profile the daemon during the claim bursts).
 // Needs root (network namespaces, dockerd, coturn); everything it creates is deleted when it ends.
@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { runCliBench } from './cli.js';
 import { runEngineOutageBench } from './engine-outage.js';
 import { runLifecycleBench } from './lifecycle.js';
 import { runNomadBench } from './nomad.js';
@@ -35,6 +36,7 @@ const BENCHES: Bench[] = [
   { name: 'standby', issue: 6, title: 'Standby takeover (issue 6)', run: runStandbyBench },
   { name: 'lifecycle', issue: 20, title: 'Stop and process-engine timings, formerly test assertions (issue 20)', run: runLifecycleBench },
   { name: 'engine-outage', issue: 13, title: 'Engine outage recovery (issue 13)', run: runEngineOutageBench },
+  { name: 'cli', issue: 13, title: 'CLI start-up to exit (issue 13)', run: runCliBench },
 ];
 
 const only = process.env.BENCH_ONLY;

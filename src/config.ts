@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import YAML, { LineCounter, isMap, isPair, isScalar } from 'yaml';
 import type { LogFormat, LogLevel } from './observability/logger.js';
-import { parseDuration } from './util/duration.js';
+import { formatDuration, parseDuration } from './util/duration.js';
 
 export interface Config {
   /** The config file this came from, if any. */
@@ -401,10 +401,10 @@ export function loadConfig(
 /** client-go's rule: a leader must give up before a standby may take over, with room for one retry. */
 function checkLeaderElection(le: LeaderElectionSettings): LeaderElectionSettings {
   if (le.renewDeadlineMs >= le.leaseDurationMs) {
-    throw new ConfigError(`leaderElection.renewDeadline (${le.renewDeadlineMs} ms) must be shorter than leaderElection.leaseDuration (${le.leaseDurationMs} ms)`);
+    throw new ConfigError(`leaderElection.renewDeadline (${formatDuration(le.renewDeadlineMs)}) must be shorter than leaderElection.leaseDuration (${formatDuration(le.leaseDurationMs)})`);
   }
   if (le.retryPeriodMs * 1.2 >= le.renewDeadlineMs) {
-    throw new ConfigError(`leaderElection.retryPeriod (${le.retryPeriodMs} ms) must be well under leaderElection.renewDeadline (${le.renewDeadlineMs} ms)`);
+    throw new ConfigError(`leaderElection.retryPeriod (${formatDuration(le.retryPeriodMs)}) must be well under leaderElection.renewDeadline (${formatDuration(le.renewDeadlineMs)})`);
   }
   return le;
 }

@@ -449,8 +449,9 @@ test('apply of a missing path and usage errors exit non-zero', async (t) => {
   const dir = tempDir(t);
   const db = path.join(dir, 'x.db');
   const missing = await cli(db, 'apply', '-f', path.join(dir, 'nope'));
-  t.is(missing.code, 1);
-  t.true(missing.err.includes('nothing was applied'));
+  t.is(missing.code, 2, 'a missing file is a usage error');
+  t.deepEqual(missing.err, [`error: ${path.join(dir, 'nope')}: no such file or directory`]);
+  t.false(fs.existsSync(db), 'nothing was created');
   t.is((await cli(db, 'apply')).code, 2, 'missing -f is a usage error');
   t.is((await cli(db, 'apply', '-f', dir, '--max-prune', '3')).code, 2, 'a bad --max-prune is a usage error');
   const emptyDir = tempDir(t);

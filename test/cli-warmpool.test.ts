@@ -19,7 +19,7 @@ import { freePort } from './helpers/tinyproxy.js';
 
 const POOL = 'wp';
 const CONVERGE_MS = 60_000;
-const CLAIM_LINE = /^claim ([0-9a-f-]{36}): container (polydev-wp-[0-9a-f]+) at (\S+) \((warm|cold start)\), [0-9.]+ ms, expires (\d{4}-\d\d-\d\dT\S+Z)$/;
+const CLAIM_LINE = /^claim ([0-9a-f-]{36}): container (polydev-wp-[0-9a-f]+) at (\S+) \((warm|cold start)\), (?:[0-9.]+(?:ms|s)|\d+m(?:\d+s)?), expires (\d{4}-\d\d-\d\dT\S+Z)$/;
 
 // Values that must never show up in anything the CLI prints.
 const SECRET_ENV = 'hunter2-value';
@@ -210,7 +210,7 @@ test.serial('claim beyond maxPerUser is exit 1 (TOO_MANY_REQUESTS); an exhausted
   t.like(memberCounts(c.daemon.store, POOL), { claimed: 4, warm: 0 });
   const exhausted = await claim('erin');
   t.is(exhausted.code, 1, exhausted.out);
-  t.regex(exhausted.err, /^error: pool wp has no warm container and is at maxSize \(4\); retry later \(retry after \d+s\)$/);
+  t.regex(exhausted.err, /^error: pool wp has no warm container and is at maxSize \(4\); retry later \(retry after (\d+m)?(\d+(\.\d)?s)?\)$/);
 
   const noPool = await c.cli('claim', 'nope', '--user', 'alice', '--server', c.server);
   t.is(noPool.code, 1);
@@ -315,7 +315,7 @@ test.serial('describe warmpool and get warmpools show the claimed container; cre
   t.regex(text, /^  Containers: +2 warm, 1 claimed, 0 starting, 0 releasing$/m);
   t.regex(text, /^  Claims served: +1 \(1 warm, 0 cold\), 0 failed$/m);
   t.regex(text, /^  Warm-hit ratio: +100\.0%$/m);
-  t.regex(text, /^  Claim latency: +p50 [0-9.]+ ms, p99 [0-9.]+ ms$/m);
+  t.regex(text, /^  Claim latency: +p50 [0-9.]+(ms|s), p99 [0-9.]+(ms|s)$/m);
 
   // Every other view of the claim, and malformed credential arguments: no value is ever echoed.
   for (const args of [['get', 'claims', '-o', 'yaml'], ['get', 'claims', '-o', 'json'], ['get', 'claims', '-o', 'wide'], ['describe', 'claim', result.claimId], ['events']]) {

@@ -12,13 +12,9 @@ import { claimObject, USER_ID, type ClaimResult } from '../controllers/warmpool/
 import type { PrinterColumn } from '../desired/kinds.js';
 import { claimHistory, getClaim, listClaims, listMembers, memberCounts, type ClaimRecord } from '../state/pools.js';
 import type { Store } from '../state/store.js';
-import { parseDuration } from '../util/duration.js';
+import { formatDuration, parseDuration } from '../util/duration.js';
+import type { Io } from './errors.js';
 import { age, CliError, eventsSection, EXIT, prefixLines, relativeTime, renderObjects, table, type OutputFormat } from './output.js';
-
-export interface Io {
-  out(text: string): void;
-  err(text: string): void;
-}
 
 export interface ServerOptions {
   server?: string;
@@ -128,7 +124,7 @@ async function callApi(server: string, token: string, call: Call): Promise<ApiRe
 function unreachable(server: string, err: unknown, call: Call): CliError {
   const e = err as Error & { cause?: { message?: string } };
   if (e.name === 'TimeoutError' || e.name === 'AbortError') {
-    return new CliError(`the daemon at ${server} did not answer within ${Math.round(call.timeoutMs / 1000)} s${call.timeoutHint ? `; ${call.timeoutHint}` : ''}`);
+    return new CliError(`the daemon at ${server} did not answer within ${formatDuration(call.timeoutMs)}${call.timeoutHint ? `; ${call.timeoutHint}` : ''}`);
   }
   const why = e.cause?.message ?? e.message;
   return new CliError(`cannot reach the daemon at ${server}: ${why} (is \`polydev-reconciler run\` running?)`);
@@ -146,7 +142,7 @@ function apiError(res: ApiResponse): { code: string; message: string } {
 /** 404/409/429/503 are answers (exit 1); anything else unexpected is an error (exit 2). */
 function failure(res: ApiResponse): CliError {
   const { code, message } = apiError(res);
-  const retry = res.retryAfter && /^[0-9]+$/.test(res.retryAfter) ? ` (retry after ${res.retryAfter}s)` : '';
+  const retry = res.retryAfter && /^[0-9]+$/.test(res.retryAfter) ? ` (retry after ${formatDuration(Number(res.retryAfter) * 1000)})` : '';
   if (PROBLEM_STATUSES.has(res.status)) return new CliError(message + retry, EXIT.PROBLEMS);
   const hint = res.status === 401 || res.status === 403 ? '; check --token-file or apiTokenFile' : '';
   return new CliError(`${message} (HTTP ${res.status} ${code}${hint})${retry}`);
@@ -227,10 +223,6 @@ function isClaimResult(v: unknown): v is ClaimResult {
   return typeof r === 'object' && r !== null && typeof r.claimId === 'string' && typeof r.container === 'object' && r.container !== null;
 }
 
-function formatMs(ms: number): string {
-  return `${ms >= 100 ? Math.round(ms) : Number(ms.toFixed(1))} ms`;
-}
-
 /** `claim POOL --user U ...`: POST /api/v1/pools/{pool}/claims. */
 export async function claimCommand(pool: string, opts: ClaimOptions, cfg: Config, io: Io): Promise<number> {
   if (!USER_ID.test(opts.user)) throw new CliError('--user must be 1-128 of letters, digits and . _ @ -, starting with a letter or digit');
@@ -259,7 +251,7 @@ export async function claimCommand(pool: string, opts: ClaimOptions, cfg: Config
   else {
     io.out(
       `claim ${r.claimId}: container ${r.container.name} at ${r.container.address || '<none>'} (${r.warm ? 'warm' : 'cold start'}), ` +
-        `${formatMs(r.latencyMs)}, expires ${r.expiresAt}`,
+        `${formatDuration(r.latencyMs)}, expires ${r.expiresAt}`,
     );
   }
   return EXIT.OK;
@@ -326,7 +318,7 @@ export function describeClaim(store: Store, id: string): string {
   kv('Container ID', c.containerId ?? '<none>');
   kv('Address', c.address ?? '<none>');
   kv('Warm', c.state === 'pending' ? '<pending>' : String(c.warm));
-  kv('Latency', c.latencyMs === null ? '<none>' : formatMs(c.latencyMs));
+  kv('Latency', c.latencyMs === null ? '<none>' : formatDuration(c.latencyMs));
   kv('Created', when(c.createdAt));
   kv('Bound', when(c.boundAt));
   kv('Expires', when(c.expiresAt));
@@ -369,7 +361,7 @@ export function warmPoolSections(store: Store, pool: string): string[] {
   );
   const counts = memberCounts(store, pool);
   const h = claimHistory(store, pool, STATS_WINDOW);
-  const latency = h.p50Ms === null || h.p99Ms === null ? '<none>' : `p50 ${formatMs(h.p50Ms)}, p99 ${formatMs(h.p99Ms)}`;
+  const latency = h.p50Ms === null || h.p99Ms === null ? '<none>' : `p50 ${formatDuration(h.p50Ms)}, p99 ${formatDuration(h.p99Ms)}`;
   lines.push(`Stats (newest ${STATS_WINDOW} claims):`);
   lines.push(`  Containers:       ${counts.warm} warm, ${counts.claimed} claimed, ${counts.starting} starting, ${counts.releasing} releasing`);
   lines.push(`  Claims served:    ${h.served} (${h.warmHits} warm, ${h.served - h.warmHits} cold), ${h.failed} failed`);

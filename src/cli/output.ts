@@ -2,20 +2,9 @@ import YAML from 'yaml';
 import type { PrinterColumn } from '../desired/kinds.js';
 import type { StoredEvent, StoredResource } from '../state/types.js';
 
+export { CliError, EXIT } from './errors.js';
+
 export type OutputFormat = 'table' | 'wide' | 'json' | 'yaml';
-
-/** Exit codes scripts can trust (kubectl's): 0 fine, 1 problems or differences, 2 usage or runtime error. */
-export const EXIT = { OK: 0, PROBLEMS: 1, ERROR: 2 } as const;
-
-/** A failure the CLI reports as `error: MESSAGE` and exits with exitCode. */
-export class CliError extends Error {
-  constructor(
-    message: string,
-    readonly exitCode: number = EXIT.ERROR,
-  ) {
-    super(message);
-  }
-}
 
 /** A resource as `get -o json` shows it: `{apiVersion, kind, metadata, spec, status}`. */
 export type ResourceObject = Record<string, unknown>;
@@ -103,4 +92,11 @@ export function eventsSection(events: StoredEvent[]): string[] {
       ? '  <none>'
       : prefixLines(table(['LAST SEEN', 'TYPE', 'REASON', 'COUNT', 'MESSAGE'], events.map((e) => [age(e.lastTimestamp), e.type, e.reason, String(e.count), e.message])), '  '),
   ];
+}
+
+/** Identical lines once each, in order of first appearance, with how often they occur. */
+export function groupLines(lines: string[]): Array<{ line: string; count: number }> {
+  const counts = new Map<string, number>();
+  for (const line of lines) counts.set(line, (counts.get(line) ?? 0) + 1);
+  return [...counts].map(([line, count]) => ({ line, count }));
 }

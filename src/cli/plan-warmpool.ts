@@ -11,8 +11,8 @@ import { silentLogger } from '../observability/logger.js';
 import { Metrics } from '../observability/metrics.js';
 import { installationId } from '../state/pools.js';
 import type { Store } from '../state/store.js';
-import type { Io } from './claims.js';
-import { CliError, EXIT } from './output.js';
+import { CliError, EXIT, type Io } from './errors.js';
+import { printPlan } from './plan.js';
 
 /** Prints each pool's plan; returns how many changes there are (a pool it cannot observe throws). */
 export async function planWarmPools(store: Store, cfg: Config, name: string | undefined, io: Io): Promise<number> {
@@ -42,8 +42,10 @@ export async function planWarmPools(store: Store, cfg: Config, name: string | un
         throw new CliError(`WarmPool/${d.name}: cannot observe the ${d.spec.engine} engine: ${(err as Error).message}`);
       }
       changes += actions.length;
-      io.out(`WarmPool/${d.name}: ${actions.length === 0 ? 'no changes' : `${actions.length} change(s)`}`);
-      for (const a of actions) io.out(`  ${describeAction(a)}`);
+      // Identical actions once, counted: a pool short of ten containers says "start 10 warm containers".
+      printPlan(io, `WarmPool/${d.name}`, actions.map(describeAction), (line, count) =>
+        line === describeAction({ type: 'start' }) ? `start ${count} warm containers` : `${line} (${count} times)`,
+      );
       if (d.spec.engine === 'nomad' && actions.some((a) => a.type === 'start')) {
         const job = renderNomadJob(controller.containerSpec(d, controller.newSlot(d)), { datacenters: cfg.nomad.datacenters });
         io.out('  each start registers one Nomad job like this (its own slot and ID):');

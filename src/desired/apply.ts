@@ -1,7 +1,8 @@
 import path from 'node:path';
 import type { Store } from '../state/store.js';
 import type { JsonObject, ResourceSource } from '../state/types.js';
-import { formatPath, type DesiredResource, type DesiredStateValidator, type LoadResult, type Problem } from './validate.js';
+import { formatPath, type Problem } from './problem.js';
+import type { DesiredResource, DesiredStateValidator, LoadResult } from './validate.js';
 
 /** What a kind checks against the store when a resource is written (like a Kubernetes admission webhook). */
 export interface Admission {

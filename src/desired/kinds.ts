@@ -77,7 +77,7 @@ export function loadKinds(crdDir = path.join(packageRoot(), 'crds')): Map<string
 }
 
 /** Resolves `proxyport`, `proxyports`, `ProxyPort`, `pp` (short name) to the kind's canonical name. */
-export function resolveKindName(kinds: Map<string, KindInfo>, name: string): string | undefined {
+export function resolveKindName(kinds: ReadonlyMap<string, Pick<KindInfo, 'kind' | 'plural' | 'singular' | 'shortNames'>>, name: string): string | undefined {
   const lower = name.toLowerCase();
   for (const info of kinds.values()) {
     if (

@@ -6,6 +6,9 @@ import YAML, { Composer, isMap, isPair, isScalar, LineCounter, Parser, type Docu
 import type { JsonObject } from '../state/types.js';
 import { GROUP, VERSION, type KindInfo } from './kinds.js';
 import { CEL_RULES, celRulesIn, checkCelRules } from './cel-rules.js';
+import { formatPath, plainFsError, type Problem } from './problem.js';
+
+export { formatPath, formatProblem, type Problem } from './problem.js';
 
 // ajv-formats is CommonJS whose typings declare an ESM default; require() sidesteps the mismatch.
 const addFormats = createRequire(import.meta.url)('ajv-formats') as (ajv: Ajv) => Ajv;
@@ -13,21 +16,6 @@ const addFormats = createRequire(import.meta.url)('ajv-formats') as (ajv: Ajv) =
 export const MAX_FILE_BYTES = 1024 * 1024;
 export const MAX_DOCUMENTS_PER_FILE = 20_000;
 export const API_VERSION = `${GROUP}/${VERSION}`;
-
-export interface Problem {
-  file: string;
-  line: number;
-  col: number;
-  /** `Kind/name`, or `-` when the document has none yet. */
-  resource: string;
-  /** Dotted field path, e.g. `spec.upstream.host`, or `-` for the whole document. */
-  field: string;
-  message: string;
-}
-
-export function formatProblem(p: Problem): string {
-  return `${p.file}:${p.line}:${p.col}: ${p.resource}: ${p.field}: ${p.message}`;
-}
 
 /** One valid resource document, with its spec defaulted by the CRD schema. */
 export interface DesiredResource {
@@ -95,24 +83,39 @@ function closeSchema(schema: unknown): unknown {
 
 export class DesiredStateValidator {
   private readonly validators = new Map<string, ValidateFunction>();
+  private ajv: Ajv | undefined;
 
   constructor(
     readonly kinds: Map<string, KindInfo>,
     private readonly semanticChecks: Map<string, SemanticCheck> = new Map(),
   ) {
-    const ajv = new Ajv({ allErrors: true, strict: false, useDefaults: true, coerceTypes: false, verbose: true });
-    addFormats(ajv);
     for (const info of kinds.values()) {
-      this.validators.set(info.kind, ajv.compile(closeSchema(info.specSchema) as object));
       for (const rule of celRulesIn(info.specSchema)) {
         if (!CEL_RULES[rule]) throw new Error(`${info.crdFile}: CEL rule ${JSON.stringify(rule)} has no mirror in src/desired/cel-rules.ts`);
       }
     }
   }
 
+  /**
+   * A kind's compiled schema, compiled on first use: compiling all five costs about 100 ms, and
+   * a command that checks one file of ProxyPorts needs two of them.
+   */
+  private validatorOf(kind: string): ValidateFunction {
+    let validate = this.validators.get(kind);
+    if (!validate) {
+      if (!this.ajv) {
+        this.ajv = new Ajv({ allErrors: true, strict: false, useDefaults: true, coerceTypes: false, verbose: true });
+        addFormats(this.ajv);
+      }
+      validate = this.ajv.compile(closeSchema(this.kinds.get(kind)!.specSchema) as object);
+      this.validators.set(kind, validate);
+    }
+    return validate;
+  }
+
   /** Schema, then (only when the schema passed, as Kubernetes does) the CRD's CEL rules. Applies defaults to spec. */
   private check(kind: string, spec: unknown): Array<{ path: Array<string | number>; message: string; keyOnly: boolean }> {
-    const validate = this.validators.get(kind)!;
+    const validate = this.validatorOf(kind);
     if (!validate(spec)) {
       return dedupeAnyOf(validate.errors ?? []).map((e) => ({
         path: ajvErrorPath(e, ['spec']),
@@ -125,7 +128,7 @@ export class DesiredStateValidator {
 
   /** Validates a spec object that did not come from a file (API input). Returns problems with field paths. */
   validateSpec(kind: string, spec: unknown): Array<{ field: string; message: string }> {
-    if (!this.validators.has(kind)) return [{ field: '-', message: `unknown kind ${kind}` }];
+    if (!this.kinds.has(kind)) return [{ field: '-', message: `unknown kind ${kind}` }];
     return this.check(kind, spec).map((p) => ({ field: formatPath(p.path), message: p.message }));
   }
 
@@ -144,7 +147,7 @@ export class DesiredStateValidator {
             .map((f) => path.join(target, f))
         : [target];
     } catch (err) {
-      problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: (err as Error).message });
+      problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: `cannot read: ${plainFsError(err)}` });
       return { resources, problems, files: [] };
     }
     for (const file of files) this.loadFile(file, resources, problems);
@@ -159,7 +162,7 @@ export class DesiredStateValidator {
     try {
       size = fs.statSync(file).size;
     } catch (err) {
-      add(0, 0, '-', '-', (err as Error).message);
+      add(0, 0, '-', '-', `cannot read: ${plainFsError(err)}`);
       return;
     }
     if (size > MAX_FILE_BYTES) {
@@ -190,7 +193,9 @@ export class DesiredStateValidator {
         }
         continue;
       }
-      if (doc.contents === null) continue; // an empty document between two `---`
+      // An empty document (a trailing `---`, two `---` in a row, only comments) is skipped, as
+      // kubectl does; an explicit `null` or `~` is not empty and is still an error below.
+      if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null && doc.contents.source === '')) continue;
       this.checkDocument(file, index, doc as Document.Parsed, lineCounter, resources, problems);
     }
   }
@@ -349,15 +354,6 @@ function ajvMessage(e: ErrorObject): string {
   }
 }
 
-export function formatPath(p: Array<string | number>): string {
-  if (p.length === 0) return '-';
-  let out = '';
-  for (const part of p) {
-    if (typeof part === 'number') out += `[${part}]`;
-    else out += out === '' ? part : `.${part}`;
-  }
-  return out;
-}
 
 function lazyLocator(file: string, docIndex: number): DesiredResource['locate'] {
   return (fieldPath) => locateLater(file, docIndex, fieldPath);

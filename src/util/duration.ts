@@ -17,3 +17,23 @@ export function parseDuration(text: string): number {
   }
   return total;
 }
+
+/**
+ * A duration for people, in the units parseDuration reads: `750ms` under a second, `1.5s` under
+ * ten seconds, then whole units, largest first, zero parts left out (`3m24s`, `5m`, `1h`,
+ * `1h30m`, `26h`). What is below the last unit shown is cut, not rounded (204800 ms is `3m24s`):
+ * a wait shown never ends before it says.
+ */
+export function formatDuration(ms: number): string {
+  if (!Number.isFinite(ms)) return String(ms);
+  if (ms < 0) return `-${formatDuration(-ms)}`;
+  if (ms < 10) return `${Number(ms.toFixed(1))}ms`;
+  // 999.6 ms is "1s", not "1000ms".
+  if (ms < 1000) return Math.round(ms) < 1000 ? `${Math.round(ms)}ms` : '1s';
+  if (ms < 10_000) return `${Number((Math.floor(ms / 100) / 10).toFixed(1))}s`;
+  const total = Math.floor(ms / 1000);
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = total % 60;
+  return `${h ? `${h}h` : ''}${m ? `${m}m` : ''}${s ? `${s}s` : ''}`;
+}

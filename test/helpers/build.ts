@@ -1,13 +1,14 @@
 // The compiled CLI that tests spawn as a child process, and the check that it is current.
 //
 // Tests run the daemon's and the CLI's child processes from the `tsc` output (dist/src/main.js),
-// which is what the container image, the systemd install and an installed package run. The
-// development shim (bin/polydev-reconciler.js) runs the TypeScript sources through tsx instead,
-// which costs about 4 s of CPU per process start (its module hooks run on a second thread) against
-// about 0.8 s compiled; the suite starts some 150 such processes, and on a 2-core machine that CPU
-// was most of the load that made waits time out. `npm test` compiles first (`tsc -p tsconfig.json`),
-// so the build is never older than the sources; a single file run by hand after an edit gets a
-// one-line instruction instead of silently testing stale code.
+// which is what the container image, the systemd install, an installed package and the command
+// bin/polydev-reconciler.js run. Running the TypeScript sources through tsx instead costs about
+// 4 s of CPU per process start (its module hooks run on a second thread); the suite starts some
+// 150 such processes, and on a 2-core machine that CPU was most of the load that made waits time
+// out. `npm test` compiles first (`tsc -p tsconfig.json`), so the build is never older than the
+// sources; a single file run by hand after an edit gets a one-line instruction instead of
+// silently testing stale code. (The command compiles a stale build by itself, see
+// bin/polydev-reconciler.js; tests do not rely on that, so two test processes never race to build.)
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 export const REPO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 /** The compiled entry point (`node dist/src/main.js ARGS` is the CLI). */
 export const BUILT_MAIN = path.join(REPO_DIR, 'dist', 'src', 'main.js');
-/** The development shim: runs src/ through tsx when the sources are there. */
+/** The command as npm installs it: runs dist/src/main.js (compiling it first in a checkout where it is stale). */
 export const DEV_BIN = path.join(REPO_DIR, 'bin', 'polydev-reconciler.js');
 
 let checked: string | undefined;

@@ -158,7 +158,8 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   constructor(
     private readonly store: Store,
     private readonly iptables: IptablesDriver,
-    private readonly metrics: Metrics,
+    /** Absent for a one-shot look that only observes and plans (`plan`: no prom-client to load). */
+    private readonly metrics?: Metrics,
   ) {
     this.watches = [
       {
@@ -270,9 +271,9 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
     if (payload.trim() !== '') {
       try {
         await this.iptables.restore(payload);
-        this.metrics.iptablesRestoreTotal.inc({ result: 'success' });
+        this.metrics?.iptablesRestoreTotal.inc({ result: 'success' });
       } catch (err) {
-        this.metrics.iptablesRestoreTotal.inc({ result: 'error' });
+        this.metrics?.iptablesRestoreTotal.inc({ result: 'error' });
         throw err;
       }
     }
@@ -310,7 +311,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
   statusFields(run: SettledRun<PoolDesired, PoolObserved>): Record<string, unknown> {
     if (!run.desired || !run.observed) return {};
     const durationMs = +(performance.now() - run.observed.syncStartedAt).toFixed(1);
-    this.metrics.iptablesSyncDuration.observe(durationMs / 1000);
+    this.metrics?.iptablesSyncDuration.observe(durationMs / 1000);
     // Read now, inside the status transaction: a health check may have finished during the run.
     const prev = this.store.getStatus(this.kind, run.resource.metadata.name)?.ports as
       | { healthy?: number; unhealthy?: number }
@@ -407,7 +408,7 @@ export class ProxyPoolController implements ConvergingController<PoolDesired, Po
       else if (phase === 'Failed') counts.failed += n;
       else counts.pending += n;
     }
-    for (const [state, n] of Object.entries(counts)) this.metrics.proxyPorts.set({ state }, n);
+    for (const [state, n] of Object.entries(counts)) this.metrics?.proxyPorts.set({ state }, n);
   }
 
   private stillDeleting(p: PortDesired): boolean {
