@@ -4,7 +4,7 @@ import { createLogger, silentLogger, type Logger } from '../src/observability/lo
 import { Metrics } from '../src/observability/metrics.js';
 import type { DegradedPolicy } from '../src/runtime/convergence-machine.js';
 import type { Controller, ConvergingController, SimpleController } from '../src/runtime/controller.js';
-import { formatDelay, Manager } from '../src/runtime/manager.js';
+import { Manager } from '../src/runtime/manager.js';
 import type { Store } from '../src/state/store.js';
 import { eventually, openStore } from './helpers/unit-fixtures.js';
 
@@ -142,7 +142,7 @@ test('a burst of events does not re-run a failing key: one failure per backoff w
   t.is(store.getStatus('WarmPool', 'openai')?.phase, 'Backoff');
   // The status says when the retry comes, as a delay and as a time (a delay alone goes stale).
   const ready = readyOf(store, 'openai')!;
-  t.regex(ready.message, /not reachable: connect ENOENT \(next retry in 10m0s, at \d{4}-\d\d-\d\dT[\d:.]+Z\)$/);
+  t.regex(ready.message, /not reachable: connect ENOENT \(next retry in 10m, at \d{4}-\d\d-\d\dT[\d:.]+Z\)$/);
   const at = Date.parse(/, at ([^)]+)\)$/.exec(ready.message)![1]!);
   t.is(at, store.getBackoff('WarmPool', 'openai')!.nextAttemptAt, 'the time in the message is the deadline the queue keeps');
   t.is(m.queue.backoffEnds('WarmPool/openai'), at);
@@ -183,7 +183,7 @@ test('retryNow: the status says "retrying now" at once, the backoff is gone, and
   t.is(store.getBackoff('WarmPool', 'p'), undefined, 'a restart now would not wait out the old backoff');
   const retrying = store.listEvents({ kind: 'WarmPool', name: 'p' }).find((e) => e.reason === 'Retrying');
   t.truthy(retrying);
-  t.regex(retrying!.message, /^retrying now: the docker engine is reachable again \(instead of in \d+m\d+s\)$/);
+  t.regex(retrying!.message, /^retrying now: the docker engine is reachable again \(instead of in \d+m(\d+s)?\)$/);
 });
 
 test('after retryNow the failure count starts over: a failure is Backoff (1), not Degraded; success reports the recovery', async (t) => {
@@ -205,7 +205,7 @@ test('after retryNow the failure count starts over: a failure is Backoff (1), no
   await eventually(() => store.getStatus('WarmPool', 'p')?.phase === 'Ready' && idle(m), 'Ready');
   t.is(store.getBackoff('WarmPool', 'p'), undefined);
   const converged = store.listEvents({ kind: 'WarmPool', name: 'p' }).find((e) => e.reason === 'Converged');
-  t.regex(converged!.message, /^WarmPool p is converged, recovered after 1 failed attempt\(s\) over [\d.]+ (ms|s)$/);
+  t.regex(converged!.message, /^WarmPool p is converged, recovered after 1 failed attempt\(s\) over [\d.]+(ms|s)$/);
   t.true(lines.some((l) => l.level === 'info' && l.message === converged!.message), 'the recovery is logged at info');
 });
 
@@ -298,18 +298,3 @@ test('a simple controller that keeps failing backs off exponentially, and logs t
   t.deepEqual(lines.filter((l) => l.message === 'reconcile failed').map((l) => l.level), ['error', 'debug']);
 });
 
-test('formatDelay: delays in status messages read as a person would say them', (t) => {
-  const table: Array<[number, string]> = [
-    [0, '0 ms'],
-    [200, '200 ms'],
-    [999.6, '1000 ms'],
-    [1000, '1 s'],
-    [1600, '1.6 s'],
-    [59_940, '59.9 s'],
-    [60_000, '1m0s'],
-    [300_000, '5m0s'],
-    [250_500, '4m11s'],
-    [3_600_000, '1h0m0s'],
-  ];
-  for (const [ms, want] of table) t.is(formatDelay(ms), want, String(ms));
-});

@@ -31,6 +31,7 @@ import {
 import { backoffDelay, DEFAULT_BACKOFF, ItemExponentialBackoff, WorkQueue, type BackoffPolicy } from './queue.js';
 import { relieveMemoryAfterBurst } from '../util/memory.js';
 import { wireStatusMetrics } from './status-metrics.js';
+import { formatDuration } from '../util/duration.js';
 
 export interface ManagerOptions {
   store: Store;
@@ -66,17 +67,6 @@ type LogLevel = 'error' | 'warn' | 'info' | 'debug';
 const FAILED_STATES = new Set(['Backoff', 'Degraded', 'TerminatingBackoff']);
 
 const key = (kind: string, name: string) => `${kind}/${name}`;
-
-/** 850 ms, 12.5 s, 4m10s: a delay as a person reads it. */
-export function formatDelay(ms: number): string {
-  if (ms < 1000) return `${Math.round(ms)} ms`;
-  if (ms < 60_000) return `${(ms / 1000).toFixed(1).replace(/\.0$/, '')} s`;
-  const totalSeconds = Math.round(ms / 1000);
-  const h = Math.floor(totalSeconds / 3600);
-  const m = Math.floor((totalSeconds % 3600) / 60);
-  const sec = totalSeconds % 60;
-  return h > 0 ? `${h}h${m}m${sec}s` : `${m}m${sec}s`;
-}
 
 const splitKey = (k: string): [string, string] => {
   const i = k.indexOf('/');
@@ -218,7 +208,7 @@ export class Manager {
       }, new Date().toISOString());
       store.setStatus(kind, name, { ...status, conditions });
       const due = waited ?? (last && last.nextAttemptAt > Date.now() ? last.nextAttemptAt : undefined);
-      const message = `retrying now: ${why}${due !== undefined ? ` (instead of in ${formatDelay(due - Date.now())})` : ''}`;
+      const message = `retrying now: ${why}${due !== undefined ? ` (instead of in ${formatDuration(due - Date.now())})` : ''}`;
       store.recordEvent({ kind, name, type: 'Normal', reason: 'Retrying', message });
       logger.debug(message, { event: 'Retrying', resource: key(kind, name) });
     });
@@ -567,7 +557,7 @@ export class Manager {
       // After a failure streak this is the one line that says the failures are over.
       const before = persisted && FAILED_STATES.has(String(persisted.value)) ? (persisted.context as Partial<ConvergenceContext>) : undefined;
       const streak = before?.failures
-        ? `, recovered after ${before.failures} failed attempt(s)${before.failingSince ? ` over ${formatDelay(Date.now() - before.failingSince)}` : ''}`
+        ? `, recovered after ${before.failures} failed attempt(s)${before.failingSince ? ` over ${formatDuration(Date.now() - before.failingSince)}` : ''}`
         : '';
       events.push(['Normal', 'Converged', `${c.kind} ${name} is converged${streak}`, 'info']);
     }
@@ -625,7 +615,7 @@ export class Manager {
     const nowMs = Date.now();
     const now = new Date(nowMs).toISOString();
     // When the next attempt comes, as a time too: "in 5m" alone is stale as soon as it is read.
-    const retry = retryAt !== undefined ? ` (next retry in ${formatDelay(retryAt - nowMs)}, at ${new Date(retryAt).toISOString()})` : '';
+    const retry = retryAt !== undefined ? ` (next retry in ${formatDuration(retryAt - nowMs)}, at ${new Date(retryAt).toISOString()})` : '';
     const streak = context.failingSince ? `failing since ${new Date(context.failingSince).toISOString()}, ${context.failures} attempt(s)` : '';
     const generation = run.resource.metadata.generation;
     const prev = run.resource.status;
