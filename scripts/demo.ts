@@ -380,11 +380,13 @@ async function list(kind: string): Promise<ApiResource[]> {
 const KINDS = ['ProxyPool', 'ProxyPort', 'WarmPool', 'TurnServer'];
 
 /** A resource is "up" for the demo when it is Ready (TurnServer: Healthy; ProxyPort: also its port healthy). */
-function upState(r: ApiResource): { up: boolean; detail: string } {
+function upState(r: ApiResource, since: number): { up: boolean; detail: string } {
   const phase = r.status?.phase ?? 'Unknown';
   if (r.kind === 'TurnServer') return { up: phase === 'Healthy', detail: phase };
   if (r.kind === 'ProxyPort') {
-    const health = r.status?.['health'] as { healthy?: boolean; egressIP?: string } | undefined;
+    // The database outlives a demo: only a check made by this one counts.
+    const recorded = r.status?.['health'] as { healthy?: boolean; egressIP?: string; lastVerifiedAt?: string } | undefined;
+    const health = recorded && Date.parse(recorded.lastVerifiedAt ?? '') >= since ? recorded : undefined;
     return { up: phase === 'Ready' && health?.healthy === true, detail: `${phase}, port ${String(r.status?.port ?? '?')}${health ? (health.healthy ? `, healthy via ${health.egressIP ?? '?'}` : ', unhealthy') : ', not checked yet'}` };
   }
   if (r.kind === 'WarmPool') {
@@ -544,7 +546,7 @@ async function up(): Promise<number> {
         }
         if (fresh.length) await api('POST', '/api/v1/proxyports/check', { userIds: fresh }).catch(() => undefined);
         if (!summarized) {
-          const states = resources.map((r) => ({ r, ...upState(r) }));
+          const states = resources.map((r) => ({ r, ...upState(r, startedAt) }));
           const allUp = states.length > 0 && states.every((s) => s.up);
           if (allUp || Date.now() - startedAt > READY_DEADLINE_MS) {
             summarized = true;
@@ -595,6 +597,8 @@ function printSummary(states: Array<{ r: ApiResource; up: boolean; detail: strin
     const r = path.relative(process.cwd(), p);
     return r && !r.startsWith('..') ? r : p;
   };
+  // The checkout's CLI runs the compiled build (npx would add npm's own start-up, about a second).
+  const cli = `node ${rel(path.join(CHECKOUT, 'bin', 'polydev-reconciler.js'))}`;
   const lines = [
     '',
     allUp ? `Every bundled resource is up (${seconds} s):` : `Not everything is up after ${seconds} s:`,
@@ -605,9 +609,9 @@ function printSummary(states: Array<{ r: ApiResource; up: boolean; detail: strin
     `Config       ${rel(CONFIG_FILE)} (the CLI finds it by itself inside this checkout)`,
     '',
     'Next, in another terminal:',
-    '  npx polydev-reconciler get warmpools               # the pools and their warm containers',
-    '  npx polydev-reconciler claim anthropic --user me   # claim a warm container (release it with: release CLAIM_ID)',
-    '  npx polydev-reconciler describe proxyport alice    # a user\'s egress port, its rules and health',
+    `  ${cli} get warmpools               # the pools and their warm containers`,
+    `  ${cli} claim anthropic --user me   # claim a warm container (release it with: release CLAIM_ID)`,
+    `  ${cli} describe proxyport alice    # a user's egress port, its rules and health`,
     '',
     'Ctrl-C stops the daemon and removes the sandbox.',
     '',
