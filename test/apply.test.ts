@@ -459,3 +459,23 @@ test('apply of a missing path and usage errors exit non-zero', async (t) => {
   t.is(empty.code, 1, 'an empty directory applies nothing');
   t.regex(empty.err.join('\n'), /no resources to apply/);
 });
+
+test('apply --prune of an empty directory: fine while nothing was applied from it, refused once something was', async (t) => {
+  const dir = tempDir(t);
+  const db = path.join(dir, 'x.db');
+  const desired = path.join(dir, 'desired.d');
+  fs.mkdirSync(desired);
+  // A fresh install: the watched directory is empty and nothing came from it.
+  const fresh = await cli(db, 'apply', '-f', desired, '--prune');
+  t.is(fresh.code, 0, fresh.err.join('\n'));
+  fs.copyFileSync(path.join(EXAMPLES_DIR, 'proxy.yaml'), path.join(desired, 'proxy.yaml'));
+  t.is((await cli(db, 'apply', '-f', desired, '--prune')).code, 0);
+  // Emptied (a volume that did not mount looks the same): nothing is deleted, and it says why.
+  fs.rmSync(path.join(desired, 'proxy.yaml'));
+  const emptied = await cli(db, 'apply', '-f', desired, '--prune');
+  t.is(emptied.code, 1);
+  t.regex(emptied.err.join('\n'), /no resources to apply, but 4 resource\(s\) were applied from here before \(ProxyPool\/default, ProxyPort\/alice, ProxyPort\/bob, …\); an empty directory deletes nothing/);
+  const s = new Store(db);
+  t.teardown(() => s.close());
+  t.is(s.listResources('ProxyPort').filter((r) => !r.metadata.deletionTimestamp).length, 3);
+});

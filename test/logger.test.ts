@@ -59,9 +59,8 @@ test('the compiled daemon logs text at a real terminal (script(1) gives it one) 
   requireCurrentBuild();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pd-logfmt-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-  fs.mkdirSync(path.join(dir, 'desired'));
   const config = path.join(dir, 'config.yaml');
-  fs.writeFileSync(config, `database: ${path.join(dir, 'p.db')}\ndesiredStateDir: ${path.join(dir, 'desired')}\n`);
+  fs.writeFileSync(config, `database: ${path.join(dir, 'p.db')}\n`);
   const args = [BUILT_MAIN, '--config', config, 'run', '--once'];
   const atTerminal = spawnSync('script', ['-qec', [process.execPath, ...args].map((a) => `'${a}'`).join(' '), '/dev/null'], { encoding: 'utf8', timeout: 60_000 });
   t.is(atTerminal.status, 0, atTerminal.stdout + atTerminal.stderr);

@@ -95,7 +95,20 @@ export function applyLoaded(
   };
   if (loaded.problems.length > 0) return result;
   if (loaded.resources.length === 0) {
-    result.problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message: 'no resources to apply' });
+    // Like kubectl, a plain apply of nothing is an error. With prune (the watched directory) an
+    // empty directory is fine on a fresh install; but once resources were applied from it, an
+    // empty one is more likely a volume that did not mount than a wish to delete everything.
+    const before = options.prune
+      ? store.listResources().filter((r) => r.source === 'apply' && appliedFrom(r.sourceFile, target) && !r.metadata.deletionTimestamp)
+      : undefined;
+    if (before && before.length === 0) {
+      result.ok = true;
+      return result;
+    }
+    const message = before
+      ? `no resources to apply, but ${before.length} resource(s) were applied from here before (${before.slice(0, 3).map((r) => `${r.kind}/${r.metadata.name}`).join(', ')}${before.length > 3 ? ', …' : ''}); an empty directory deletes nothing: delete them by name`
+      : 'no resources to apply';
+    result.problems.push({ file: target, line: 0, col: 0, resource: '-', field: '-', message });
     return result;
   }
   const admissionOf = new Map(admissions.map((a) => [a.kind, a]));
