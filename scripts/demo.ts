@@ -484,7 +484,7 @@ async function up(): Promise<number> {
       apiTokenFile: TOKEN_FILE,
       iptables: { ...((base['iptables'] as object | undefined) ?? {}), netns: NETNS, createNetns: true },
       docker: { socket: dockerd.socketPath, network: 'none' },
-      process: { runDir: path.join(sandboxDir, 'process') },
+      process: { runDir: path.join(sandboxDir, 'process'), logDir: path.join(sandboxDir, 'process-logs') },
     };
     fs.writeFileSync(
       CONFIG_FILE,

@@ -27,7 +27,7 @@ export interface Config {
     createNetns: boolean;
   };
   docker: { socket: string; network: string };
-  process: { runDir: string };
+  process: { runDir: string; logDir: string };
   warmPools: { parallelism: number; claimHistory: number };
   nomad: NomadSettings;
   /** Where desired state comes from: YAML files (desiredStateDir, apply, the API) or Kubernetes custom resources. */
@@ -101,6 +101,7 @@ export const SETTINGS: readonly Setting[] = [
   { key: 'docker.socket', env: 'POLYDEV_DOCKER_SOCKET', kind: 'path', default: '/var/run/docker.sock', help: 'Unix socket of the Docker Engine API that WarmPools with engine docker use.' },
   { key: 'docker.network', env: 'POLYDEV_DOCKER_NETWORK', kind: 'string', default: 'bridge', help: 'Docker network warm containers join; their address on it is what a claim returns (`none`: no network, the address is `container:NAME`).' },
   { key: 'process.runDir', env: 'POLYDEV_PROCESS_RUN_DIR', kind: 'path', default: '/dev/shm/polydev-process', help: 'Engine process (development): where each process gets its private directory for injected credentials (a tmpfs by default).' },
+  { key: 'process.logDir', env: 'POLYDEV_PROCESS_LOG_DIR', kind: 'path', default: '/tmp/polydev-process-logs', help: 'Engine process (development): where each process\'s stdout and stderr go (`<owner>.<slot>.log`, kept after removal, not rotated).' },
   { key: 'warmPools.parallelism', env: 'POLYDEV_WARM_POOL_PARALLELISM', kind: 'int', default: '8', help: 'Container starts and removals in flight at once per pool.' },
   { key: 'nomad.address', env: 'POLYDEV_NOMAD_ADDRESS', kind: 'url', default: undefined, help: 'HTTP API of a Nomad cluster (`http://…:4646` or `https://…`) for WarmPools with engine nomad. Unset: the nomad engine is off and such pools report EngineUnavailable.' },
   { key: 'nomad.tokenFile', env: 'POLYDEV_NOMAD_TOKEN_FILE', kind: 'path', default: undefined, help: 'File holding the Nomad ACL token (sent as X-Nomad-Token, never logged). Needs submit-job, read-job, list-jobs and alloc-exec in the namespace, and alloc-lifecycle for WarmPools with `onRelease: recycle` (recycling restarts the allocation) and for TurnServer remediation. Without read-job the event stream is refused and pools are only resynced.' },
@@ -362,7 +363,7 @@ export function loadConfig(
       createNetns: get<boolean>('iptables.createNetns'),
     },
     docker: { socket: get<string>('docker.socket'), network: get<string>('docker.network') },
-    process: { runDir: get<string>('process.runDir') },
+    process: { runDir: get<string>('process.runDir'), logDir: get<string>('process.logDir') },
     warmPools: { parallelism: get<number>('warmPools.parallelism'), claimHistory: get<number>('warmPools.claimHistory') },
     nomad: {
       address: get<string | undefined>('nomad.address'),

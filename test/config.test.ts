@@ -107,7 +107,7 @@ test('every setting has an environment variable that works', (t) => {
     database: 'a.db', installationId: 'pod-owner-1', desiredStateDir: 'd', listen: 'localhost:1', apiTokenFile: 'tok', logLevel: 'error', logFormat: 'text',
     resyncInterval: '2s', workers: '9', applyDebounce: '1s', maxPrune: '1', eventRetention: '1',
     shutdownTimeout: '1s', onceTimeout: '1h', 'iptables.backend': 'legacy', 'iptables.netns': 'ns1', 'iptables.createNetns': 'true',
-    'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'warmPools.parallelism': '3',
+    'docker.socket': '/run/d.sock', 'docker.network': 'none', 'process.runDir': '/dev/shm/x', 'process.logDir': '/var/log/x', 'warmPools.parallelism': '3',
     'warmPools.claimHistory': '50',
     'nomad.address': 'https://nomad.example:4646/', 'nomad.tokenFile': '/etc/t', 'nomad.namespace': 'ns', 'nomad.region': 'eu',
     'nomad.datacenters': 'dc1, dc2', 'nomad.caFile': '/ca', 'nomad.certFile': '/c', 'nomad.keyFile': '/k',
@@ -132,7 +132,7 @@ test('every setting has an environment variable that works', (t) => {
   t.deepEqual(cfg.listen, { host: 'localhost', port: 1 });
   t.is(cfg.maxPrune, 1);
   t.deepEqual(cfg.docker, { socket: '/run/d.sock', network: 'none' });
-  t.deepEqual(cfg.process, { runDir: '/dev/shm/x' });
+  t.deepEqual(cfg.process, { runDir: '/dev/shm/x', logDir: '/var/log/x' });
   t.deepEqual(cfg.warmPools, { parallelism: 3, claimHistory: 50 });
   t.deepEqual(cfg.nomad, {
     address: 'https://nomad.example:4646', tokenFile: '/etc/t', namespace: 'ns', region: 'eu', datacenters: ['dc1', 'dc2'],

@@ -47,7 +47,7 @@ export interface ControllerDeps {
   metrics: Metrics;
   logger: Logger;
   docker: { socket: string; network: string };
-  process: { runDir: string };
+  process: { runDir: string; logDir?: string };
   nomad?: NomadSettings;
   warmPools: { parallelism: number; claimHistory: number; orphanSweepMs: number };
   /** Replaces the engines built from the settings above (tests). */
@@ -57,7 +57,7 @@ export interface ControllerDeps {
 export function engineFactories(deps: Pick<ControllerDeps, 'docker' | 'process' | 'nomad'>): EngineFactories {
   const factories: EngineFactories = {
     docker: () => new DockerEngine({ socketPath: deps.docker.socket, network: deps.docker.network }),
-    process: () => new ProcessEngine({ runDir: deps.process.runDir }),
+    process: () => new ProcessEngine({ runDir: deps.process.runDir, ...(deps.process.logDir ? { logDir: deps.process.logDir } : {}) }),
   };
   const nomad = deps.nomad;
   if (nomad?.address) {
