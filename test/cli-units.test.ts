@@ -160,7 +160,11 @@ test('a system config the user may not read is still the one found (loading it t
   fs.mkdirSync(locked, { mode: 0o700 });
   const etcFile = path.join(locked, 'polydev-reconciler.yaml');
   fs.writeFileSync(etcFile, 'database: /var/lib/polydev/polydev.db\n');
-  const module = path.join(REPO_ROOT, 'dist', 'src', 'cli', 'config-file.js');
+  // A copy the other user can read: a checkout under /root (0700) is not readable by it. The module
+  // imports only node: built-ins, so it runs on its own.
+  const module = path.join(dir, 'config-file.mjs');
+  fs.copyFileSync(path.join(REPO_ROOT, 'dist', 'src', 'cli', 'config-file.js'), module);
+  fs.chmodSync(module, 0o644);
   const script = `import(${JSON.stringify(module)}).then((m) => console.log(JSON.stringify(m.findConfigFile({ etcFile: ${JSON.stringify(etcFile)}, from: '/', env: {} }))))`;
   const r = spawnSync(setpriv, ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script], { encoding: 'utf8', timeout: 60_000 });
   t.is(r.status, 0, r.stderr);
