@@ -3,34 +3,18 @@
 // The real engine's side (dockerd stopped and started again) is in warmpool-engine-outage.test.ts.
 
 import test from 'ava';
-import { Writable } from 'node:stream';
 import { EngineAvailability, type EngineOutage } from '../src/controllers/warmpool/engine-availability.js';
 import { EngineError, type EngineName } from '../src/controllers/warmpool/engine.js';
-import { createLogger } from '../src/observability/logger.js';
 import { eventually } from './helpers/unit-fixtures.js';
+import { capturingLogger } from './helpers/log-capture.js';
 
-interface LogLine {
-  level: string;
-  message: string;
-  [k: string]: unknown;
-}
 
-function capture(): { logger: ReturnType<typeof createLogger>; lines: LogLine[] } {
-  const lines: LogLine[] = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      for (const l of chunk.toString('utf8').split('\n')) if (l.trim()) lines.push(JSON.parse(l) as LogLine);
-      cb();
-    },
-  });
-  return { logger: createLogger('debug', stream), lines };
-}
 
 const unreachable = (detail: string) =>
   new EngineError('EngineUnavailable', `Docker engine at unix:///var/run/docker.sock is not reachable: ${detail}`);
 
 function tracker(t: import('ava').ExecutionContext, ping: () => Promise<void>, probeMs = 3_600_000) {
-  const { logger, lines } = capture();
+  const { logger, lines } = capturingLogger();
   const ups: Array<[EngineName, EngineOutage | undefined]> = [];
   const downs: EngineName[] = [];
   const a = new EngineAvailability({

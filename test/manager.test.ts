@@ -1,12 +1,12 @@
 import test from 'ava';
-import { Writable } from 'node:stream';
-import { createLogger, silentLogger, type Logger } from '../src/observability/logger.js';
+import { silentLogger } from '../src/observability/logger.js';
 import { Metrics } from '../src/observability/metrics.js';
 import type { DegradedPolicy } from '../src/runtime/convergence-machine.js';
 import type { Controller, ConvergingController, SimpleController } from '../src/runtime/controller.js';
 import { Manager } from '../src/runtime/manager.js';
 import type { Store } from '../src/state/store.js';
 import { eventually, openStore } from './helpers/unit-fixtures.js';
+import { capturingLogger } from './helpers/log-capture.js';
 
 function manager(t: import('ava').ExecutionContext, controllers: SimpleController[] = []) {
   const { store } = openStore(t);
@@ -61,23 +61,7 @@ test('mayAct: while the lease is not provably ours nothing is reconciled; the ke
 
 // ---- failures: backoff by time, retry when the cause goes, one log line per failure -----------
 
-interface LogLine {
-  level: string;
-  message: string;
-  [k: string]: unknown;
-}
 
-/** A real winston logger at debug writing JSON lines into memory. */
-function capturingLogger(): { logger: Logger; lines: LogLine[] } {
-  const lines: LogLine[] = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      for (const l of chunk.toString('utf8').split('\n')) if (l.trim()) lines.push(JSON.parse(l) as LogLine);
-      cb();
-    },
-  });
-  return { logger: createLogger('debug', stream), lines };
-}
 
 interface Script {
   /** The error observe() throws, or undefined to succeed. */

@@ -6,13 +6,12 @@
 // no other reason: neither a backoff timer nor a resync (which respects backoff) explains it.
 
 import anyTest, { type TestFn } from 'ava';
-import { Writable } from 'node:stream';
-import { createLogger, type Logger } from '../src/observability/logger.js';
 import { listMembers } from '../src/state/pools.js';
 import type { Store } from '../src/state/store.js';
 import { startDockerd, type Dockerd } from './helpers/dockerd.js';
 import { startDaemon, waitFor } from './helpers/e2e-env.js';
 import { poolEnv } from './helpers/warmpool-env.js';
+import { capturingLogger } from './helpers/log-capture.js';
 
 const test = anyTest as TestFn<{ dockerd: Dockerd }>;
 
@@ -28,23 +27,7 @@ const LONG_BACKOFF = { backoff: { baseMs: 10 * 60_000, capMs: 60 * 60_000 } };
 /** PID 1 that ends on SIGTERM: dockerd's shutdown does not wait out a stop timeout per container. */
 const QUICK_EXIT = ['sh', '-c', 'trap "exit 0" TERM; while :; do sleep 1; done'];
 
-interface LogLine {
-  level: string;
-  message: string;
-  [k: string]: unknown;
-}
 
-/** The daemon's real logger at debug, its JSON lines kept in memory. */
-function capturingLogger(): { logger: Logger; lines: LogLine[] } {
-  const lines: LogLine[] = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      for (const l of chunk.toString('utf8').split('\n')) if (l.trim()) lines.push(JSON.parse(l) as LogLine);
-      cb();
-    },
-  });
-  return { logger: createLogger('debug', stream), lines };
-}
 
 const readyOf = (store: Store, pool: string) => store.getResource('WarmPool', pool)?.status?.conditions.find((c) => c.type === 'Ready');
 const engineFailure = (store: Store, pool: string) => {
